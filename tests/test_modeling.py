@@ -1,0 +1,251 @@
+"""PipelineGPT: parity with transformers' Llama and GPT-2, attention backends, cache, padding, packing, knobs."""
+
+import itertools
+import re
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from pipeline.modeling import PipelineGPTConfig, PipelineGPTForCausalLM, PipelineGPTForSequenceClassification
+from pipeline.modeling.convert import (
+    config_from_gpt2,
+    config_from_llama,
+    llama_config_from,
+    llama_incompatibilities,
+    state_dict_from_gpt2,
+)
+
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def tiny(preset="llama", **overrides):
+    torch.manual_seed(0)
+    config = PipelineGPTConfig.preset(preset, **{**TINY, **overrides})
+    return PipelineGPTForCausalLM(config).eval()
+
+
+def tokens(batch=2, length=12, seed=1):
+    return torch.randint(3, TINY["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# --- parity with transformers' own implementations -------------------------------------------------------------
+
+@pytest.mark.parametrize("kv_heads,rope", [(4, None), (2, None), (1, {"rope_type": "linear", "factor": 2.0}),
+                                            (2, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16})])
+def test_llama_preset_equals_llama(kv_heads, rope):
+    torch.manual_seed(0)
+    llama_config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
+                               rope_parameters={"rope_theta": 10000.0, **(rope or {"rope_type": "default"})})
+    llama = LlamaForCausalLM(llama_config).eval()
+    ours = PipelineGPTForCausalLM(config_from_llama(llama_config)).eval()
+    ours.load_state_dict(llama.state_dict(), strict=True)  # same parameter names: no mapping needed
+    x = tokens(length=40)
+    expected, got = llama(x, labels=x), ours(x, labels=x)
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.loss, expected.loss, atol=1e-5, rtol=0)
+    # and back: our config converts to an equal Llama config
+    assert llama_config_from(ours.config).num_key_value_heads == kv_heads
+
+
+def test_gpt2_preset_equals_gpt2():
+    torch.manual_seed(0)
+    gpt2_config = GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                             embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
+    gpt2 = GPT2LMHeadModel(gpt2_config).eval()
+    config = config_from_gpt2(gpt2_config)
+    ours = PipelineGPTForCausalLM(config).eval()
+    ours.load_state_dict(state_dict_from_gpt2(gpt2.state_dict(), config), strict=True)
+    x = tokens(length=30)
+    expected, got = gpt2(x, labels=x), ours(x, labels=x)
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.loss, expected.loss, atol=1e-5, rtol=0)
+
+
+def test_llama_export_refuses_other_architectures_with_reason():
+    config = PipelineGPTConfig.preset("gpt2", **TINY)
+    reasons = llama_incompatibilities(config)
+    assert any(r.startswith("position_embedding='learned'") for r in reasons)
+    with pytest.raises(ValueError, match="norm_type='layernorm'"):
+        llama_config_from(config)
+
+
+# --- attention backends, cache, padding, packing ------------------------------------------------------------------
+
+def left_padded(model, lengths=(12, 7, 3)):
+    rows = [tokens(1, n, seed=n)[0] for n in lengths]
+    width = max(lengths)
+    ids = torch.full((len(rows), width), TINY["pad_token_id"])
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = row
+        mask[i, width - len(row):] = 1
+    return rows, ids, mask
+
+
+@pytest.mark.parametrize("preset", ["llama", "gpt2", "qk_norm"])
+def test_eager_equals_sdpa_with_left_padding(preset):
+    eager, sdpa = tiny(preset), tiny(preset)
+    eager.set_attn_implementation("eager")
+    sdpa.set_attn_implementation("sdpa")
+    _, ids, mask = left_padded(eager)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    a = eager(ids, attention_mask=mask, position_ids=positions).logits
+    b = sdpa(ids, attention_mask=mask, position_ids=positions).logits
+    real = mask.bool()
+    torch.testing.assert_close(a[real], b[real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("preset", ["llama", "gpt2"])
+def test_left_padded_rows_equal_rows_alone(preset):
+    model = tiny(preset)
+    rows, ids, mask = left_padded(model)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(ids, attention_mask=mask, position_ids=positions).logits
+    for i, row in enumerate(rows):
+        alone = model(row[None]).logits[0]
+        torch.testing.assert_close(logits[i, -len(row):], alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("preset", ["llama", "gpt2"])
+def test_generate_with_cache_equals_without(preset):
+    model = tiny(preset)
+    prompt = tokens(2, 6)
+    kwargs = dict(max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with_cache = model.generate(prompt, use_cache=True, **kwargs)
+    without = model.generate(prompt, use_cache=False, **kwargs)
+    assert with_cache.shape == (2, 16)
+    assert torch.equal(with_cache, without)
+
+
+@pytest.mark.parametrize("preset", ["llama", "gpt2"])
+def test_batched_left_padded_generate_equals_one_by_one(preset):
+    model = tiny(preset)
+    rows, ids, mask = left_padded(model)
+    kwargs = dict(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    batched = model.generate(ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
+    for i, row in enumerate(rows):
+        alone = model.generate(row[None], **kwargs)[0, len(row):]
+        assert torch.equal(batched[i], alone), f"row {i} differs when batched with left padding"
+
+
+@pytest.mark.parametrize("preset", ["llama", "gpt2"])
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_packed_rows_equal_rows_alone(preset, implementation):
+    model = tiny(preset)
+    model.set_attn_implementation(implementation)
+    docs = [tokens(1, n, seed=n)[0] for n in (5, 9, 4)]
+    packed = torch.cat(docs)[None]
+    position_ids = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    packed_logits = model(packed, position_ids=position_ids).logits[0]
+    start = 0
+    for doc in docs:
+        alone = model(doc[None]).logits[0]
+        torch.testing.assert_close(packed_logits[start:start + len(doc)], alone, atol=1e-5, rtol=0)
+        start += len(doc)
+    # in training mode too (no cache is built, so the packed mask stays on)
+    model.train()
+    loss_packed = model(packed, position_ids=position_ids, labels=packed).logits
+    torch.testing.assert_close(loss_packed[0], packed_logits, atol=1e-5, rtol=0)
+
+
+def test_flex_attention_matches_eager_in_inference():
+    eager, flex = tiny(), tiny()
+    flex.set_attn_implementation("flex_attention")
+    x = tokens(2, 16)
+    with torch.no_grad():  # flex attention has no CPU backward in torch 2.13
+        torch.testing.assert_close(flex(x).logits, eager(x).logits, atol=1e-5, rtol=0)
+
+
+# --- heads ---------------------------------------------------------------------------------------------------------
+
+def test_sequence_classification_reads_last_real_token_left_or_right_padded():
+    torch.manual_seed(0)
+    config = PipelineGPTConfig.preset("llama", num_labels=1, **TINY)
+    model = PipelineGPTForSequenceClassification(config).eval()
+    row = tokens(1, 7)[0]
+    alone = model(row[None]).logits
+    right = torch.cat([row, torch.zeros(3, dtype=torch.long)])[None]
+    right_mask = (torch.arange(10) < 7).long()[None]
+    torch.testing.assert_close(model(right, attention_mask=right_mask).logits, alone, atol=1e-5, rtol=0)
+    left = torch.cat([torch.zeros(3, dtype=torch.long), row])[None]
+    left_mask = (torch.arange(10) >= 3).long()[None]
+    positions = (left_mask.cumsum(-1) - 1).clamp(min=0)
+    torch.testing.assert_close(model(left, attention_mask=left_mask, position_ids=positions).logits, alone,
+                               atol=1e-5, rtol=0)
+    assert alone.shape == (1, 1)
+
+
+def test_classification_loss_trains_two_labels():
+    torch.manual_seed(0)
+    model = PipelineGPTForSequenceClassification(PipelineGPTConfig.preset("gpt2", num_labels=2, **TINY))
+    x, labels = tokens(4, 8), torch.tensor([0, 1, 0, 1])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(10):
+        loss = model(x, attention_mask=torch.ones_like(x), labels=labels).loss
+        first = first if first is not None else loss.item()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert loss.item() < first / 2
+
+
+# --- knobs ---------------------------------------------------------------------------------------------------------
+
+KNOBS = list(itertools.product(["rope", "learned"], ["rmsnorm", "layernorm"], ["pre", "post"],
+                               [("gated", "silu"), ("gated", "gelu_pytorch_tanh"), ("plain", "relu")]))
+
+
+@pytest.mark.parametrize("position,norm,place,mlp", KNOBS)
+def test_every_knob_combination_trains_and_generates(position, norm, place, mlp):
+    torch.manual_seed(0)
+    config = PipelineGPTConfig(**TINY, position_embedding=position, norm_type=norm, norm_position=place,
+                               mlp_type=mlp[0], hidden_act=mlp[1], num_key_value_heads=2,
+                               qk_norm=(place == "pre"), attention_bias=(norm == "layernorm"),
+                               tie_word_embeddings=(position == "rope"))
+    model = PipelineGPTForCausalLM(config)
+    x = tokens(2, 10)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = model(x, labels=x).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    out = model.generate(x[:, :4], max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out.shape == (2, 8)
+    has_gate = model.model.layers[0].mlp.gate_proj is not None
+    assert has_gate == (mlp[0] == "gated")
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (dict(hidden_size=65), "num_attention_heads"),
+    (dict(num_key_value_heads=3), "num_key_value_heads"),
+    (dict(norm_type="batchnorm"), "norm_type"),
+    (dict(norm_position="middle"), "norm_position"),
+    (dict(position_embedding="alibi"), "position_embedding"),
+    (dict(mlp_type="moe"), "mlp_type"),
+    (dict(hidden_act="swishy"), "hidden_act"),
+    (dict(rope_parameters={"rope_type": "spiral", "rope_theta": 1e4}), "rope_parameters.rope_type"),
+    (dict(num_hidden_layers=0), "num_hidden_layers"),
+])
+def test_bad_config_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match="^" + re.escape(field)):
+        PipelineGPTConfig(**{**TINY, **overrides})
+
+
+def test_unknown_preset_lists_choices():
+    with pytest.raises(ValueError, match="gpt2"):
+        PipelineGPTConfig.preset("gpt5")
+
+
+def test_gpt2_preset_defaults_to_four_times_width():
+    assert PipelineGPTConfig.preset("gpt2", hidden_size=48, num_attention_heads=4).intermediate_size == 192

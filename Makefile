@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) recipes/quickstart.py --output_dir outputs/demo/quickstart
+	$(PY) recipes/quickstart.py --output_dir outputs/demo/quickstart --overwrite true
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -1,0 +1,1 @@
+"""Data layer: sources, formats, validation, cleaning, packing, tokenizer training."""

@@ -1,0 +1,1 @@
+"""One module per stage: builds data, model and trainer, and writes the artifact."""

@@ -69,3 +69,14 @@ def test_readme_python_snippets_run_in_order(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "my-model" / "modeling_pipeline_gpt.py").is_file()
+
+
+def test_chinese_readme_shows_the_same_commands_and_code():
+    def without_comments(text: str) -> list[str]:
+        return [line.split("#")[0].rstrip() for line in text.splitlines() if line.split("#")[0].strip()]
+
+    chinese = (REPO / "README.zh.md").read_text(encoding="utf-8")
+    for language in ("bash", "python"):
+        english_blocks = [without_comments(b) for b in code_blocks(language)]
+        chinese_blocks = [without_comments(b) for b in re.findall(rf"```{language}\n(.*?)```", chinese, flags=re.S)]
+        assert chinese_blocks == english_blocks, f"README.zh.md {language} blocks differ from README.md"

@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# `make demo ARGS="--set sft.max_steps=100"` passes overrides to the chain (see README).
 demo: $(STAMP)
-	$(PY) recipes/quickstart.py --output_dir outputs/demo/quickstart --overwrite true
+	$(PY) recipes/demo.py --overwrite true $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

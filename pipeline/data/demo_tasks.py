@@ -79,6 +79,88 @@ def qa_line(task: Task) -> str:
 
 
 def pretraining_corpus(n_docs: int, seed: int, lines_per_doc: int = 8) -> list[str]:
-    """Documents of question-answer lines: the text a base model is pretrained on."""
-    tasks = sample_tasks(n_docs * lines_per_doc, seed)
+    """Documents of question-answer lines: the text a base model is pretrained on (held-out prompts excluded)."""
+    tasks = training_tasks(n_docs * lines_per_doc, seed)
     return ["\n".join(qa_line(t) for t in tasks[i:i + lines_per_doc]) for i in range(0, len(tasks), lines_per_doc)]
+
+
+# --------------------------------------------------------------------------- stage datasets
+# Evaluation tasks come from their own seed stream and every training generator skips their prompts, so held-out
+# exact match measures generalisation, not recall.
+
+EVAL_SEED_OFFSET = 1_000_003
+
+
+def eval_tasks(n: int, seed: int = 0) -> list[Task]:
+    """Held-out tasks with reference answers (never present in any training set built with the same seed)."""
+    return sample_tasks(n, seed + EVAL_SEED_OFFSET)
+
+
+def training_tasks(n: int, seed: int, *, held_out: int = 300, stream: int = 0) -> list[Task]:
+    """`n` tasks that avoid the prompts of `eval_tasks(held_out, seed)`; `stream` separates stages' draws."""
+    banned = {t.prompt for t in eval_tasks(held_out, seed)}
+    out: list[Task] = []
+    batch_seed = seed * 7919 + stream * 104_729
+    while len(out) < n:
+        out += [t for t in sample_tasks(2 * (n - len(out)) + 10, batch_seed) if t.prompt not in banned]
+        batch_seed += 1
+    return out[:n]
+
+
+def wrong_answer(task: Task, rng: random.Random) -> str:
+    """A plausible but wrong answer: off by one, the letters unchanged or in the other order, the other colour."""
+    if task.kind in ("add", "count"):
+        value = int(task.answer)
+        options = [value + 1, value - 1, value + 10] if task.kind == "add" else [value + 1, max(value - 1, 0) or value + 2]
+        return str(rng.choice([v for v in options if v != value and v >= 0]))
+    if task.kind in ("reverse", "sort"):
+        letters = task.answer.split()
+        candidates = {" ".join(letters[::-1]), " ".join(sorted(letters)), " ".join(sorted(letters, reverse=True)),
+                      " ".join(letters[1:] + letters[:1])} - {task.answer}
+        return rng.choice(sorted(candidates))
+    if task.kind == "lookup":  # half the time the other colour named in the prompt (the tempting mistake)
+        suffix = "色" if task.language == "zh" else ""
+        colours = [c + suffix for c in sorted(COLOURS.values() if suffix else COLOURS)]
+        others = [c for c in colours if c != task.answer]
+        named = [c for c in others if c.removesuffix(suffix) in task.prompt]
+        return rng.choice(named if named and rng.random() < 0.5 else others)
+    raise ValueError(f"kind: unknown task {task.kind!r}")
+
+
+def chat(prompt: str, answer: str | None = None) -> list[dict[str, str]]:
+    turns = [{"role": "user", "content": prompt}]
+    return turns + ([{"role": "assistant", "content": answer}] if answer is not None else [])
+
+
+def sft_rows(n: int, seed: int = 0) -> list[dict]:
+    """Chat-format SFT rows {"messages": [user, assistant]}."""
+    return [{"messages": chat(t.prompt, t.answer)} for t in training_tasks(n, seed, stream=1)]
+
+
+def preference_rows(n: int, seed: int = 0) -> list[dict]:
+    """Conversational preference rows: the correct answer is chosen, a plausible wrong one rejected."""
+    rng = random.Random(seed + 17)
+    return [{"prompt": chat(t.prompt), "chosen": [{"role": "assistant", "content": t.answer}],
+             "rejected": [{"role": "assistant", "content": wrong_answer(t, rng)}]}
+            for t in training_tasks(n, seed, stream=2)]
+
+
+def rl_prompt_rows(n: int, seed: int = 0) -> list[dict]:
+    """Prompts for online RL, with the reference answer a rule-based verifier checks against."""
+    return [{"prompt": chat(t.prompt), "answer": t.answer, "kind": t.kind} for t in training_tasks(n, seed, stream=3)]
+
+
+def classification_rows(n: int, seed: int = 0) -> list[dict]:
+    """(text, label) rows: is the stated answer right (1) or wrong (0)? The demo of a classification head."""
+    rng = random.Random(seed + 29)
+    rows = []
+    for t in training_tasks(n, seed, stream=4):
+        correct = rng.random() < 0.5
+        answer = t.answer if correct else wrong_answer(t, rng)
+        rows.append({"text": qa_line(Task(t.kind, t.language, t.prompt, answer)), "label": int(correct)})
+    return rows
+
+
+def verify(answer: str, reference: str) -> bool:
+    """The rule-based verifier: exact match after whitespace normalisation."""
+    return " ".join(answer.split()) == " ".join(reference.split())

@@ -1,0 +1,561 @@
+"""PPO for language models (InstructGPT's RL stage): policy, reference, value model and any reward function.
+
+TRL removed its PPOTrainer in 1.13; this one is ours, built on torch + Accelerate.
+
+    from pipeline.alignment import PPOConfig, PPOTrainer
+
+    trainer = PPOTrainer(
+        PPOConfig(output_dir="outputs/ppo", batch_size=16, mini_batch_size=4, max_steps=100, save_steps=25),
+        policy=policy,              # causal LM, or a PEFT model (then the reference is the policy with adapters off)
+        tokenizer=tokenizer,        # needs eos_token_id and pad_token_id
+        value_model=value_model,    # AutoModelForSequenceClassification-like, num_labels=1 (often the reward model)
+        reward_fn=reward_fn,        # (prompts_ids: list[list[int]], responses_ids: list[list[int]]) -> Tensor (B,)
+        prompts=prompt_ids,         # token-id lists: tokenizer.apply_chat_template(m, add_generation_prompt=True)
+        ref_model=None,             # a frozen copy of the starting policy; may be None for a PEFT policy
+    )
+    history = trainer.train(resume_from_checkpoint=None)   # or a checkpoint path, or True for the latest one
+    trainer.save_model("outputs/ppo")                      # policy (adapter for PEFT) + tokenizer
+
+One step: take `batch_size` prompts (per process), left-pad, sample `response_length` tokens, pad after the first
+EOS, score with `reward_fn` (responses end with their EOS when they have one; the caller maps token ids to another
+tokenizer if its reward model needs one), compute log-probs of the policy and reference and the value of each
+response token, turn score and per-token KL into per-token rewards, run GAE, then `ppo_epochs` passes over the
+rollout in shuffled groups of `mini_batch_size * gradient_accumulation_steps` rows with one optimiser step per
+group. Models run in eval mode (dropout off) so the first-epoch ratio is exactly 1.
+
+`trainer.history` holds one dict per step (mean_score: reward_fn's mean before the missing-EOS penalty; kl: mean
+per-response sum of the per-token estimate; entropy; policy_clipfrac; value_clipfrac; approx_kl; policy_loss;
+value_loss; response_length: mean real tokens; kl_coef: the coefficient this step used; step), averaged over
+processes; `trainer.samples` the decoded (prompt, response, score) of the last step.
+
+Checkpoints go to `output_dir/checkpoint-<step>/` (policy/, value_model/, optimizer.pt, trainer_state.json,
+rng_state_<rank>.pth), written to a temporary folder and renamed, so a crash never leaves a half-written one; a
+resumed run reproduces the uninterrupted one exactly (pass the same reference model and prompts). A non-finite loss
+raises RuntimeError naming the step before any update, leaving the last checkpoint as it was.
+
+Distributed: under `accelerate launch`, `batch_size` is per process, ranks take disjoint prompts, policy and value
+model are one DDP module (`PolicyAndValue`), and advantages are whitened per process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
+
+from .ppo_core import (
+    AdaptiveKLController,
+    FixedKLController,
+    apply_missing_eos_penalty,
+    clipped_policy_loss,
+    clipped_value_loss,
+    compute_gae,
+    entropy_from_logits,
+    kl_estimate,
+    logprobs_of,
+    masked_mean,
+    masked_whiten,
+    token_level_rewards,
+    truncate_after_eos,
+)
+
+logger = logging.getLogger(__name__)
+
+RewardFn = Callable[[list[list[int]], list[list[int]]], torch.Tensor]
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+STAT_KEYS = ("mean_score", "kl", "entropy", "policy_clipfrac", "value_clipfrac", "approx_kl", "policy_loss",
+             "value_loss", "response_length", "kl_coef")
+
+
+@dataclass
+class PPOConfig:
+    """Hyperparameters of `PPOTrainer`; names follow TRL's former PPOConfig where one existed."""
+
+    output_dir: str = "outputs/ppo"  # checkpoints go to output_dir/checkpoint-<step>/
+    learning_rate: float = 1e-5  # policy AdamW learning rate
+    value_learning_rate: float | None = None  # value-model AdamW learning rate; None = learning_rate
+    weight_decay: float = 0.0  # AdamW weight decay for both optimisers
+    batch_size: int = 8  # prompts per rollout (per process)
+    mini_batch_size: int = 2  # rows per forward/backward pass
+    gradient_accumulation_steps: int = 1  # micro-batches per optimiser step
+    ppo_epochs: int = 4  # passes over each rollout
+    max_steps: int = 100  # rollouts (PPO steps) in the whole run
+    response_length: int = 32  # max new tokens per response
+    temperature: float = 0.7  # sampling temperature; log-probs use the same scaling
+    top_k: int = 0  # 0 = sample from the whole vocabulary
+    rollout_batch_size: int | None = None  # rows per generate/forward call in the rollout; None = batch_size
+    kl_estimator: str = "k1"  # per-token KL in the reward: "k1" (log ratio) or "k3" (non-negative)
+    init_kl_coef: float = 0.05  # KL penalty coefficient (initial value when adaptive)
+    adaptive_kl: bool = False  # adapt the coefficient towards kl_target (Ziegler et al. 2019)
+    kl_target: float = 6.0  # target KL per response for the adaptive controller
+    kl_horizon: int = 10000  # adaptive controller horizon, in samples
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE lambda
+    cliprange: float = 0.2  # policy ratio clip
+    cliprange_value: float = 0.2  # value clip around the rollout values
+    vf_coef: float = 0.1  # weight of the value loss
+    whiten_advantages: bool = True  # normalise advantages over the rollout
+    missing_eos_penalty: float | None = None  # subtracted from the score of responses without EOS
+    max_grad_norm: float | None = 1.0  # gradient clipping per model; None or 0 = off
+    seed: int = 42  # sampling, prompt order and mini-batch shuffling
+    save_steps: int = 0  # checkpoint every N steps; 0 = never
+    logging_steps: int = 1  # log every N steps (history records every step)
+    num_logged_samples: int = 8  # rows kept in `trainer.samples`
+
+    def __post_init__(self):
+        for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs", "response_length",
+                     "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"PPOConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps < 0 or self.save_steps < 0:
+            raise ValueError(f"PPOConfig.max_steps ({self.max_steps}) and save_steps ({self.save_steps}) must be >= 0")
+        group = self.mini_batch_size * self.gradient_accumulation_steps
+        if self.batch_size % group:
+            raise ValueError(
+                f"PPOConfig.batch_size={self.batch_size} must be a multiple of mini_batch_size * "
+                f"gradient_accumulation_steps = {self.mini_batch_size} * {self.gradient_accumulation_steps} = {group}"
+            )
+        if self.kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"PPOConfig.kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"PPOConfig.temperature must be > 0 (sampling), got {self.temperature}")
+        if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
+            raise ValueError(f"PPOConfig.missing_eos_penalty={self.missing_eos_penalty} is subtracted from the score: "
+                             "pass a positive number or None")
+        if self.rollout_batch_size is not None and self.rollout_batch_size < 1:
+            raise ValueError(f"PPOConfig.rollout_batch_size must be >= 1 or None, got {self.rollout_batch_size}")
+
+
+def value_backbone_and_head(value_model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The decoder and the `score` head of a sequence-classification model, to read a value at every token."""
+    prefix = getattr(value_model, "base_model_prefix", "model")
+    backbone = getattr(value_model, prefix, None)
+    if backbone is None:
+        backbone = getattr(value_model, "model", None)
+    head = getattr(value_model, "score", None)
+    if backbone is None or head is None:
+        raise ValueError(
+            f"value_model ({type(value_model).__name__}) needs a backbone attribute `{prefix}` and a `score` head, as "
+            "AutoModelForSequenceClassification decoder models have; load it with num_labels=1"
+        )
+    return backbone, head
+
+
+def token_values(value_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The value head applied at every position: (B, T) in float32 (the model's forward pools to one token)."""
+    backbone, head = value_backbone_and_head(value_model)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False).last_hidden_state  # (B, T, C)
+    return head(hidden).squeeze(-1).float()
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists -> (ids, attention_mask), both (B, max_len), padded on the left for generation."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if len(seq):
+            ids[row, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
+            mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding, as `generate` computes them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class PolicyAndValue(nn.Module):
+    """Policy and value model as one module, so one DDP wrapper syncs both and a forward returns both."""
+
+    def __init__(self, policy: nn.Module, value_model: nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.value_model = value_model
+
+    def forward(self, input_ids, attention_mask, response_length: int, temperature: float):
+        """Logits that predicted each response token (B, R, V), scaled by 1/temperature, and their values (B, R)."""
+        position_ids = positions_from_mask(attention_mask)
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False, logits_to_keep=response_length + 1).logits
+        logits = logits[:, :-1].float() / temperature
+        values = token_values(self.value_model, input_ids, attention_mask, position_ids)
+        return logits, values[:, -response_length - 1:-1]
+
+
+class PPOTrainer:
+    """PPO with a clipped policy and value objective, KL penalty to a reference, GAE; see the module docstring."""
+
+    def __init__(self, config: PPOConfig, policy: nn.Module, tokenizer, value_model: nn.Module, reward_fn: RewardFn,
+                 prompts: Sequence[Sequence[int]], ref_model: nn.Module | None = None,
+                 accelerator: Accelerator | None = None):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.reward_fn = reward_fn
+        self.prompts = self._check_prompts(prompts)
+        self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+        if self.eos_id is None or self.pad_id is None:
+            raise ValueError("PPOTrainer: the tokenizer needs eos_token_id and pad_token_id "
+                             f"(got eos={self.eos_id}, pad={self.pad_id}); set tokenizer.pad_token")
+        if ref_model is None and not hasattr(policy, "disable_adapter"):
+            raise ValueError("PPOTrainer: pass ref_model (a frozen copy of the starting policy), or a PEFT policy "
+                             "whose reference is itself with the adapter disabled")
+        value_backbone_and_head(value_model)  # fail early on a model without per-token values
+
+        if accelerator is None:
+            # Without a GPU, Accelerate joins the launcher's process group only when asked for CPU explicitly.
+            distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+            accelerator = Accelerator(cpu=distributed_cpu)
+        self.accelerator = accelerator
+        device = self.accelerator.device
+        self.policy, self.value_model = policy.to(device), value_model.to(device)
+        self.ref_model = ref_model
+        if ref_model is not None:
+            ref_model.to(device).eval().requires_grad_(False)
+        self.actor_critic = self.accelerator.prepare(PolicyAndValue(self.policy, self.value_model))
+
+        policy_params = [p for p in self.policy.parameters() if p.requires_grad]
+        value_params = [p for p in self.value_model.parameters() if p.requires_grad]
+        if not policy_params or not value_params:
+            raise ValueError("PPOTrainer: the policy and the value model each need trainable parameters")
+        self.policy_optimizer = torch.optim.AdamW(policy_params, lr=config.learning_rate,
+                                                  weight_decay=config.weight_decay)
+        value_lr = config.learning_rate if config.value_learning_rate is None else config.value_learning_rate
+        self.value_optimizer = torch.optim.AdamW(value_params, lr=value_lr, weight_decay=config.weight_decay)
+
+        if config.adaptive_kl:
+            self.kl_controller = AdaptiveKLController(config.init_kl_coef, config.kl_target, config.kl_horizon)
+        else:
+            self.kl_controller = FixedKLController(config.init_kl_coef)
+        self.generation_config = GenerationConfig(
+            do_sample=True, temperature=config.temperature, top_k=config.top_k, top_p=1.0, repetition_penalty=1.0,
+            max_new_tokens=config.response_length, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+        )
+        self.step = 0
+        self.history: list[dict] = []
+        self.samples: list[dict] = []
+        self._prompt_orders: dict[int, torch.Tensor] = {}
+
+    @staticmethod
+    def _check_prompts(prompts) -> list[list[int]]:
+        if not prompts:
+            raise ValueError("PPOTrainer: prompts is empty; pass a list of token-id lists")
+        checked = []
+        for i, prompt in enumerate(prompts):
+            ids = list(prompt)
+            if not ids or not all(isinstance(t, int) for t in ids):
+                raise ValueError(f"PPOTrainer: prompts[{i}] must be a non-empty list of ints (token ids), got "
+                                 f"{str(prompt)[:80]}; tokenize with apply_chat_template(..., tokenize=True)")
+            checked.append(ids)
+        return checked
+
+    # ---------------------------------------------------------------- rollout
+
+    def _prompt_batch(self, step: int) -> list[list[int]]:
+        """The prompts of one step: a fresh seeded permutation per pass over the dataset, ranks take disjoint slices."""
+        size, n = self.config.batch_size, len(self.prompts)
+        start = (step * self.accelerator.num_processes + self.accelerator.process_index) * size
+        batch = []
+        for position in range(start, start + size):
+            epoch = position // n
+            if epoch not in self._prompt_orders:
+                generator = torch.Generator().manual_seed(self.config.seed + epoch)
+                self._prompt_orders[epoch] = torch.randperm(n, generator=generator)
+            batch.append(self.prompts[int(self._prompt_orders[epoch][position % n])])
+        return batch
+
+    def _reference_logprobs(self, input_ids, attention_mask, response_ids) -> torch.Tensor:
+        length = response_ids.shape[1]
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=length + 1,
+                      position_ids=positions_from_mask(attention_mask))
+        if self.ref_model is not None:
+            logits = self.ref_model(**kwargs).logits
+        else:
+            with self.policy.disable_adapter():
+                logits = self.policy(**kwargs).logits
+        return logprobs_of(logits[:, :-1].float() / self.config.temperature, response_ids)
+
+    @torch.no_grad()
+    def _rollout(self, step: int) -> dict:
+        cfg, device = self.config, self.accelerator.device
+        self.policy.eval(), self.value_model.eval()
+        prompts = self._prompt_batch(step)
+        chunk = cfg.rollout_batch_size or cfg.batch_size
+        parts = []
+        for begin in range(0, len(prompts), chunk):
+            parts.append(self._rollout_chunk(prompts[begin:begin + chunk]))
+        width = max(p["query"].shape[1] for p in parts)
+        for p in parts:  # chunks may differ in prompt width: left-pad them to one
+            extra = width - p["query"].shape[1]
+            p["query"] = nn.functional.pad(p["query"], (extra, 0), value=self.pad_id)
+            p["query_mask"] = nn.functional.pad(p["query_mask"], (extra, 0), value=0)
+        batch = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+        mask = batch["response_mask"]
+        responses = [row[m.bool()].tolist() for row, m in zip(batch["response"].cpu(), mask.cpu())]
+
+        scores = self.reward_fn(prompts, responses)
+        scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1).to(device)
+        if scores.shape[0] != len(prompts) or not torch.isfinite(scores).all():
+            raise RuntimeError(f"PPO step {step + 1}: reward_fn must return one finite score per response "
+                               f"({len(prompts)}), got {scores.tolist()}")
+        penalised = apply_missing_eos_penalty(scores, batch["has_eos"], cfg.missing_eos_penalty)
+        kl = kl_estimate(batch["logprobs"], batch["ref_logprobs"], cfg.kl_estimator) * mask
+        kl_coef = self.kl_controller.value
+        rewards = token_level_rewards(penalised, kl, mask, kl_coef)
+        advantages, returns = compute_gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        batch.update(advantages=advantages, returns=returns)
+
+        self.samples = [
+            {"prompt": self.tokenizer.decode(p, skip_special_tokens=False),
+             "response": self.tokenizer.decode(r, skip_special_tokens=False), "score": float(s)}
+            for p, r, s in zip(prompts[:cfg.num_logged_samples], responses, scores.tolist())
+        ]
+        stats = {
+            "mean_score": scores.mean(),
+            "kl": kl.sum(1).mean(),
+            "entropy": masked_mean(batch.pop("entropy"), mask),
+            "response_length": mask.sum(1).float().mean(),
+            "kl_coef": torch.tensor(kl_coef, device=device),
+        }
+        return {"batch": batch, "stats": stats}
+
+    def _rollout_chunk(self, prompts: list[list[int]]) -> dict:
+        device, length = self.accelerator.device, self.config.response_length
+        query, query_mask = (t.to(device) for t in left_pad(prompts, self.pad_id))
+        generated = self.policy.generate(input_ids=query, attention_mask=query_mask,
+                                         generation_config=self.generation_config)
+        response = generated[:, query.shape[1]:]
+        if response.shape[1] < length:  # every row stopped early
+            response = nn.functional.pad(response, (0, length - response.shape[1]), value=self.pad_id)
+        response, response_mask, has_eos = truncate_after_eos(response, self.eos_id, self.pad_id)
+        input_ids = torch.cat([query, response], dim=1)
+        attention_mask = torch.cat([query_mask, response_mask], dim=1)
+        logits, values = self.actor_critic(input_ids, attention_mask, length, self.config.temperature)
+        padding = response_mask == 0
+        return {
+            "query": query, "query_mask": query_mask, "response": response, "response_mask": response_mask,
+            "has_eos": has_eos,
+            "logprobs": logprobs_of(logits, response).masked_fill(padding, 0.0),
+            "ref_logprobs": self._reference_logprobs(input_ids, attention_mask, response).masked_fill(padding, 0.0),
+            "values": values.masked_fill(padding, 0.0),
+            "entropy": entropy_from_logits(logits),
+        }
+
+    # ---------------------------------------------------------------- optimisation
+
+    def _optimize(self, batch: dict, step: int) -> dict:
+        cfg = self.config
+        micro, accumulation = cfg.mini_batch_size, cfg.gradient_accumulation_steps
+        group = micro * accumulation
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        totals = {key: 0.0 for key in ("policy_loss", "value_loss", "policy_clipfrac", "value_clipfrac", "approx_kl")}
+        n_groups = n_micro = 0
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(cfg.batch_size, generator=generator).to(self.accelerator.device)
+            for start in range(0, cfg.batch_size, group):
+                rows = order[start:start + group]
+                num_tokens = batch["response_mask"][rows].sum().clamp(min=1)
+                for k in range(accumulation):
+                    sync = k == accumulation - 1
+                    with nullcontext() if sync else self.accelerator.no_sync(self.actor_critic):
+                        stats = self._micro_step(batch, rows[k * micro:(k + 1) * micro], num_tokens, step)
+                    totals["policy_loss"] += stats["policy_loss"]
+                    totals["value_loss"] += stats["value_loss"]
+                    for key in ("policy_clipfrac", "value_clipfrac", "approx_kl"):
+                        totals[key] += stats[key] / accumulation
+                    n_micro += 1
+                if cfg.max_grad_norm:
+                    for optimizer in (self.policy_optimizer, self.value_optimizer):
+                        params = [p for g in optimizer.param_groups for p in g["params"]]
+                        self.accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                self.policy_optimizer.step(), self.value_optimizer.step()
+                self.policy_optimizer.zero_grad(set_to_none=True), self.value_optimizer.zero_grad(set_to_none=True)
+                n_groups += 1
+        # Losses were summed as shares of their group's mean; the rest as per-group means.
+        return {key: value / n_groups for key, value in totals.items()}
+
+    def _micro_step(self, batch: dict, rows: torch.Tensor, num_tokens: torch.Tensor, step: int) -> dict:
+        cfg = self.config
+        query, response, mask = batch["query"][rows], batch["response"][rows], batch["response_mask"][rows]
+        input_ids = torch.cat([query, response], dim=1)
+        attention_mask = torch.cat([batch["query_mask"][rows], mask], dim=1)
+        logits, values = self.actor_critic(input_ids, attention_mask, cfg.response_length, cfg.temperature)
+        padding = mask == 0
+        new_logprobs = logprobs_of(logits, response).masked_fill(padding, 0.0)
+        values = values.masked_fill(padding, 0.0)
+        policy_loss, policy_clipfrac, approx_kl = clipped_policy_loss(
+            new_logprobs, batch["logprobs"][rows], batch["advantages"][rows], mask, cfg.cliprange, num_tokens)
+        value_loss, value_clipfrac = clipped_value_loss(
+            values, batch["values"][rows], batch["returns"][rows], mask, cfg.cliprange_value, num_tokens)
+        if not (torch.isfinite(policy_loss) and torch.isfinite(value_loss)):
+            raise RuntimeError(
+                f"PPO step {step + 1}: non-finite loss (policy_loss={policy_loss.item()}, value_loss="
+                f"{value_loss.item()}); training stopped before the update, so the last checkpoint in "
+                f"{self.config.output_dir} is intact. Lower learning_rate/value_learning_rate or check reward_fn."
+            )
+        self.accelerator.backward(policy_loss + cfg.vf_coef * value_loss)
+        return {"policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
+                "policy_clipfrac": policy_clipfrac.item(), "value_clipfrac": value_clipfrac.item(),
+                "approx_kl": approx_kl.item()}
+
+    # ---------------------------------------------------------------- loop
+
+    def train(self, resume_from_checkpoint: str | Path | bool | None = None) -> list[dict]:
+        """Run PPO up to `config.max_steps`; returns `self.history`. `resume_from_checkpoint`: a checkpoint folder,
+        or True for the latest `checkpoint-<step>` in output_dir."""
+        cfg = self.config
+        if resume_from_checkpoint:
+            path = self.latest_checkpoint() if resume_from_checkpoint is True else Path(resume_from_checkpoint)
+            self.load_checkpoint(path)
+        else:
+            rank_seed = cfg.seed + self.accelerator.process_index
+            random.seed(rank_seed)
+            torch.manual_seed(rank_seed)
+        progress = tqdm(total=cfg.max_steps, initial=self.step, desc="ppo",
+                        disable=not self.accelerator.is_main_process)
+        while self.step < cfg.max_steps:
+            rollout = self._rollout(self.step)
+            train_stats = self._optimize(rollout["batch"], self.step)
+            stats = {key: float(value) for key, value in rollout["stats"].items()}
+            stats.update(train_stats)
+            stats = self._reduce(stats)
+            self.kl_controller.update(stats["kl"], cfg.batch_size * self.accelerator.num_processes)
+            self.step += 1
+            self.history.append({**stats, "step": self.step})
+            progress.update(1)
+            if self.step % cfg.logging_steps == 0:
+                progress.set_postfix(score=f"{stats['mean_score']:.3f}", kl=f"{stats['kl']:.3f}")
+                logger.info("step %d: %s", self.step, ", ".join(f"{k}={stats[k]:.4g}" for k in STAT_KEYS))
+            if cfg.save_steps and self.step % cfg.save_steps == 0:
+                self.save_checkpoint()
+        progress.close()
+        return self.history
+
+    def _reduce(self, stats: dict) -> dict:
+        """Mean of each statistic over processes (identity on one process)."""
+        if self.accelerator.num_processes == 1:
+            return {key: stats[key] for key in STAT_KEYS}
+        values = torch.tensor([stats[key] for key in STAT_KEYS], device=self.accelerator.device)
+        values = self.accelerator.reduce(values, reduction="mean")
+        return dict(zip(STAT_KEYS, values.tolist()))
+
+    # ---------------------------------------------------------------- saving
+
+    def save_model(self, output_dir: str | Path) -> Path:
+        """Save the policy as it is (a PEFT policy saves its adapter) and the tokenizer."""
+        output_dir = Path(output_dir)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self.policy.save_pretrained(output_dir)
+            self.tokenizer.save_pretrained(output_dir)
+        self.accelerator.wait_for_everyone()
+        return output_dir
+
+    def save_checkpoint(self) -> Path:
+        """Write `output_dir/checkpoint-<step>/` through a temporary folder renamed at the end."""
+        root = Path(self.config.output_dir)
+        final, temporary = root / f"checkpoint-{self.step}", root / f".checkpoint-{self.step}.tmp"
+        main = self.accelerator.is_main_process
+        if main:
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        if main:
+            self.policy.save_pretrained(temporary / "policy")
+            self.tokenizer.save_pretrained(temporary / "policy")
+            self.value_model.save_pretrained(temporary / "value_model")
+            torch.save({"policy": self.policy_optimizer.state_dict(), "value": self.value_optimizer.state_dict()},
+                       temporary / "optimizer.pt")
+            state = {"step": self.step, "kl_controller": self.kl_controller.state_dict(), "history": self.history,
+                     "samples": self.samples, "config": asdict(self.config)}
+            (temporary / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, temporary / f"rng_state_{self.accelerator.process_index}.pth")
+        self.accelerator.wait_for_everyone()
+        if main:
+            shutil.rmtree(final, ignore_errors=True)
+            temporary.rename(final)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def latest_checkpoint(self) -> Path:
+        """The `checkpoint-<step>` folder with the highest step in output_dir."""
+        root = Path(self.config.output_dir)
+        steps = [int(m.group(1)) for p in root.glob("checkpoint-*") if (m := CHECKPOINT_PATTERN.match(p.name))
+                 and (p / "trainer_state.json").is_file()]
+        if not steps:
+            raise FileNotFoundError(f"resume_from_checkpoint=True: no checkpoint-<step> folder with trainer_state.json "
+                                    f"in {root}; pass a checkpoint path or train without resuming")
+        return root / f"checkpoint-{max(steps)}"
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore models, optimisers, KL controller, RNG states, step and history from a checkpoint folder."""
+        path = Path(path)
+        if not (path / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"{path} is not a PPO checkpoint (no trainer_state.json); expected "
+                                    f"{self.config.output_dir}/checkpoint-<step>")
+        load_weights(self.policy, path / "policy")
+        load_weights(self.value_model, path / "value_model")
+        optimizers = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        self.policy_optimizer.load_state_dict(optimizers["policy"])
+        self.value_optimizer.load_state_dict(optimizers["value"])
+        state = json.loads((path / "trainer_state.json").read_text())
+        self.step, self.history, self.samples = state["step"], state["history"], state.get("samples", [])
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        rng_file = path / f"rng_state_{self.accelerator.process_index}.pth"
+        if not rng_file.is_file():
+            raise FileNotFoundError(f"{rng_file} is missing: resume with as many processes as the run that saved "
+                                    f"{path}")
+        rng = torch.load(rng_file, weights_only=False)
+        random.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def load_weights(model: nn.Module, folder: Path) -> None:
+    """Load weights written by `save_pretrained` into an existing model (a PEFT model reads its adapter)."""
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        adapter = folder / "adapter_model.safetensors"
+        if not adapter.is_file():
+            raise FileNotFoundError(f"{adapter} is missing: the checkpoint was not saved from a PEFT model")
+        set_peft_model_state_dict(model, load_file(adapter))
+        return
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {folder}")
+    state = {}
+    for file in files:
+        state.update(load_file(file))
+    result = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"weights in {folder} do not fit {type(model).__name__}: missing {missing[:5]}, "
+                           f"unexpected {result.unexpected_keys[:5]}")
+
+
+__all__ = ["PPOConfig", "PPOTrainer", "PolicyAndValue", "left_pad", "load_weights", "positions_from_mask",
+           "token_values", "value_backbone_and_head"]

@@ -1,0 +1,167 @@
+"""The `pipeline` command: data tools, artifact export/push/merge, chat, reports.
+
+    pipeline data validate PATH [--format F] [--strict]      kept/dropped summary; exit 1 on a bad row in strict mode
+    pipeline data convert PATH OUT.jsonl [--format F]        canonical rows as JSONL
+    pipeline data inspect --config STAGE.yaml [-n N]         samples exactly as the trainer sees them
+    pipeline data card PATH --out CARD.md --license L ...    a dataset card from measured statistics
+    pipeline merge ADAPTER_DIR OUTPUT_DIR                    fold a LoRA adapter into a full model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from pipeline.data.formats import FORMATS
+from pipeline.hub.commands import register_commands
+
+
+def _field_map(items: list[str] | None) -> dict[str, str] | None:
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--field {item!r}: expected NAME=YOUR_KEY, e.g. --field text=paragraphs")
+        name, key = item.split("=", 1)
+        out[name] = key
+    return out
+
+
+def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="a file (.jsonl .json .txt .csv .parquet), a folder of them, or a Hub dataset id")
+    parser.add_argument("--format", choices=FORMATS, help="input format (default: detected per file)")
+    parser.add_argument("--field", action="append", metavar="NAME=KEY",
+                        help="read the expected field NAME from your KEY (repeatable), e.g. text=paragraphs")
+    parser.add_argument("--text-unit", default="paragraph", choices=("file", "paragraph", "line"),
+                        help="how a .txt file splits into documents")
+    parser.add_argument("--split", default="train", help="split of a Hub dataset")
+
+
+def _load(args, strict: bool = False):
+    from pipeline.data.validation import load_rows
+
+    return load_rows(args.path, format=args.format, fields=_field_map(args.field), strict=strict,
+                     text_unit=args.text_unit, split=args.split)
+
+
+def data_validate(args) -> int:
+    from pipeline.data.validation import DataValidationError
+
+    try:
+        result = _load(args, strict=args.strict)
+    except DataValidationError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(result.report.table(show_issues=args.show))
+    return 0
+
+
+def data_convert(args) -> int:
+    result = _load(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".incomplete")
+    with open(partial, "w", encoding="utf-8") as f:
+        for row in result.rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(partial, out)  # a half-written file never carries the final name
+    print(result.report.table(show_issues=3), file=sys.stderr)
+    print(f"wrote {len(result.rows)} {result.canonical_format} rows to {out}", file=sys.stderr)
+    return 0
+
+
+def data_card(args) -> int:
+    from pipeline.data.cards import dataset_card
+
+    result = _load(args)
+    card = dataset_card(result, name=args.name or Path(args.path).stem, license=args.license,
+                        language=args.language, source=args.source or str(args.path),
+                        description=args.description or "", known_issues=args.known_issue or ())
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(str(card), encoding="utf-8")
+    print(f"wrote {out} ({result.report.kept} rows)")
+    return 0
+
+
+def data_inspect(args) -> int:
+    from pipeline.stages.inspect import inspect_stage_config
+
+    print(inspect_stage_config(args.config, samples=args.samples, overrides=args.overrides, stage=args.stage))
+    return 0
+
+
+def merge(args) -> int:
+    from pipeline.stages.merge import merge_adapter
+
+    print(f"merged into {merge_adapter(args.adapter_dir, args.output_dir, overwrite=args.overwrite)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="validate, convert, inspect datasets; write dataset cards")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+
+    validate = data_commands.add_parser("validate", help="check every row; print kept/dropped by reason")
+    _add_source_arguments(validate)
+    validate.add_argument("--strict", action="store_true", help="stop at the first bad row (exit 1)")
+    validate.add_argument("--show", type=int, default=10, help="problems to print")
+    validate.set_defaults(func=data_validate)
+
+    convert = data_commands.add_parser("convert", help="write canonical rows as JSONL")
+    _add_source_arguments(convert)
+    convert.add_argument("out", help="output .jsonl")
+    convert.set_defaults(func=data_convert)
+
+    card = data_commands.add_parser("card", help="write a Hugging Face dataset card from measured statistics")
+    _add_source_arguments(card)
+    card.add_argument("--out", required=True, help="card file to write (e.g. data_cards/NAME.md)")
+    card.add_argument("--name", help="pretty name (default: the file name)")
+    card.add_argument("--license", required=True, help="SPDX-style licence id, e.g. mit, cc-by-nc-4.0")
+    card.add_argument("--language", nargs="+", default=["en"], help="language codes, e.g. en zh")
+    card.add_argument("--source", help="where the data comes from (URL or Hub id)")
+    card.add_argument("--description", help="one paragraph on what the data is")
+    card.add_argument("--known-issue", action="append", help="a known issue to list (repeatable)")
+    card.set_defaults(func=data_card)
+
+    inspect = data_commands.add_parser("inspect", help="render samples exactly as a stage's trainer sees them")
+    inspect.add_argument("--config", required=True, help="a stage YAML, e.g. recipes/configs/demo/sft.yaml")
+    inspect.add_argument("-n", "--samples", type=int, default=3)
+    inspect.add_argument("--stage", help="the stage, when the config's file name does not start with it")
+    inspect.add_argument("overrides", nargs="*", help="--key value overrides of the config")
+    inspect.set_defaults(func=data_inspect)
+
+    merge_parser = commands.add_parser("merge", help="fold a LoRA adapter stage output into a full model")
+    merge_parser.add_argument("adapter_dir", help="a stage output holding an adapter (its manifest names the base)")
+    merge_parser.add_argument("output_dir", help="where the merged model is written")
+    merge_parser.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+    merge_parser.set_defaults(func=merge)
+
+    register_commands(commands)  # export, push, chat, report: they live beside the code they drive
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "overrides", None) is not None:
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.func(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

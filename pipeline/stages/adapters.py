@@ -1,0 +1,140 @@
+"""Fine-tuning methods chosen in YAML: full, LoRA, QLoRA, freeze, prompt tuning.
+
+`load_for_method` returns the model to train (a PEFT model for the adapter methods) so every stage that fine-tunes
+(SFT, reward, DPO) picks a method the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+METHODS = ("full", "lora", "qlora", "freeze", "prompt_tuning")
+ADAPTER_METHODS = ("lora", "qlora", "prompt_tuning")
+
+
+@dataclass
+class MethodArguments:
+    method: str = field(default="full", metadata={"help": f"fine-tuning method: {', '.join(METHODS)}"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator (scale = alpha / r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch"})
+    lora_target_modules: str = field(default="all-linear", metadata={
+        "help": "'all-linear' or comma-separated module names, e.g. q_proj,v_proj"})
+    freeze_trainable_layers: int = field(default=1, metadata={"help": "freeze: train only the last N decoder layers"})
+    freeze_trainable_modules: str = field(default="", metadata={
+        "help": "freeze: also train parameters whose names contain any of these (comma-separated, e.g. norm,lm_head)"})
+    num_virtual_tokens: int = field(default=16, metadata={"help": "prompt tuning: learned prefix length"})
+    prompt_tuning_init_text: str | None = field(default=None, metadata={
+        "help": "prompt tuning: initialise the prefix from this text's embeddings (random when unset)"})
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method: {self.method!r} is not one of {', '.join(METHODS)}")
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.method in ADAPTER_METHODS
+
+
+def quantization_config() -> BitsAndBytesConfig:
+    """4-bit NF4 with double quantisation (QLoRA); computes in bf16 on GPUs that have it, else float32."""
+    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16 if gpu_bf16 else torch.float32)
+
+
+def load_for_method(path: str, method: MethodArguments, tokenizer=None, model_class=AutoModelForCausalLM, *,
+                    seed: int, **kwargs):
+    """The model at `path`, prepared for `method.method` (PEFT-wrapped for the adapter methods).
+
+    Seeds first: new weights (LoRA matrices, prompt embeddings, a fresh score head) must be the same in a run and
+    in its resumed twin, and Trainer seeds only after the model exists.
+    """
+    from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
+
+    set_seed(seed)
+
+    if Path(path).is_dir():  # adapters record their base: an absolute path loads from any working directory
+        path = str(Path(path).resolve())
+    if method.method == "qlora":
+        kwargs["quantization_config"] = quantization_config()
+    model = model_class.from_pretrained(path, **kwargs)
+    task_type = "SEQ_CLS" if "SequenceClassification" in type(model).__name__ else "CAUSAL_LM"
+    if method.method == "full":
+        return model
+    if method.method == "freeze":
+        return freeze_all_but(model, method.freeze_trainable_layers, _names(method.freeze_trainable_modules))
+    if method.method == "prompt_tuning":
+        init = {"prompt_tuning_init": PromptTuningInit.RANDOM}
+        if method.prompt_tuning_init_text:
+            init = {"prompt_tuning_init": PromptTuningInit.TEXT, "prompt_tuning_init_text": method.prompt_tuning_init_text,
+                    "tokenizer_name_or_path": path}
+        return get_peft_model(model, PromptTuningConfig(task_type=task_type, num_virtual_tokens=method.num_virtual_tokens,
+                                                        **init))
+    if method.method == "qlora":
+        check_cpu_4bit_shapes(model)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    targets = method.lora_target_modules
+    targets = targets if targets == "all-linear" else _names(targets)
+    config = LoraConfig(task_type=task_type, r=method.lora_r, lora_alpha=method.lora_alpha,
+                        lora_dropout=method.lora_dropout, target_modules=targets)
+    return get_peft_model(model, config)
+
+
+CPU_4BIT_BLOCK = 64  # bitsandbytes 0.50's CPU 4-bit kernel packs each weight row in blocks of 64 inputs
+
+
+def check_cpu_4bit_shapes(model) -> None:
+    """bitsandbytes 0.50 fails deep inside its CPU kernel ("shape '[32, 0]' is invalid") when a quantised layer's
+    input size is not a multiple of 64; say so up front, naming the layer."""
+    if torch.cuda.is_available():
+        return
+    import bitsandbytes as bnb
+
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit) and module.in_features % CPU_4BIT_BLOCK:
+            raise ValueError(
+                f"method: qlora on CPU needs every quantised layer's input size to be a multiple of "
+                f"{CPU_4BIT_BLOCK}, but {name} takes {module.in_features}; use hidden_size and intermediate_size "
+                f"multiples of {CPU_4BIT_BLOCK}, a GPU, or method: lora")
+
+
+def freeze_all_but(model, last_layers: int, module_names: list[str]):
+    """Train only the last `last_layers` decoder layers and parameters whose names contain one of `module_names`."""
+    layers = model.model.layers
+    if not 0 <= last_layers <= len(layers):
+        raise ValueError(f"freeze_trainable_layers: {last_layers} is not between 0 and the model's {len(layers)} layers")
+    trainable = {f"model.layers.{i}." for i in range(len(layers) - last_layers, len(layers))}
+    for name, param in model.named_parameters():
+        param.requires_grad = any(name.startswith(p) for p in trainable) or any(m in name for m in module_names)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("freeze: nothing left to train; raise freeze_trainable_layers or name modules to train")
+    return model
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def count_trainable(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+
+
+def merged_for_saving(model):
+    """A plain transformers model to save: LoRA merged into the weights; other models as they are.
+
+    Alignment stages start from a merged SFT model, so their LoRA adapters have no persistent base to point at.
+    """
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        if type(model.peft_config[model.active_adapter]).__name__ != "LoraConfig":
+            raise ValueError("method: only LoRA adapters can be merged into a saved alignment model")
+        return model.merge_and_unload()
+    return model

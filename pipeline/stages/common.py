@@ -1,0 +1,188 @@
+"""Machinery every stage shares: YAML + command-line arguments, atomic outputs, resume, distributed sanity.
+
+    args, training = parse_stage_args((SFTArguments, SFTConfig), argv)
+    with StageOutput(training.output_dir, overwrite=args.overwrite) as out:
+        ...train with checkpoints in out.checkpoints_dir, save into out.work...
+        out.finish(manifest)        # manifest written last, then <output_dir>.incomplete renamed to <output_dir>
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+from transformers import HfArgumentParser
+
+from pipeline.hub.manifest import MANIFEST_NAME, write_manifest
+
+
+class ConfigError(ValueError):
+    """A bad key or value in a stage config; the message starts with `file:line: key:`."""
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _yaml_with_lines(path: Path) -> tuple[dict, dict[str, int]]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text)
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark else 1
+        raise ConfigError(f"{path}:{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}:1: expected a mapping of key: value lines")
+    lines = {key.value: key.start_mark.line + 1 for key, _ in node.value} if node is not None else {}
+    return values, lines
+
+
+def _convert(action, value: Any, where: str) -> Any:
+    """`value` from YAML, checked and converted the way the command line would convert it."""
+    if value is None or action.type is None or isinstance(value, dict):
+        return value
+    items = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and action.nargs not in ("+", "*"):
+        raise ConfigError(f"{where}: expected one value, got a list")
+    out = []
+    for item in items:
+        try:
+            converted = action.type(str(item).lower() if isinstance(item, bool) else str(item))
+        except (TypeError, ValueError, Exception) as e:  # argparse types raise assorted errors
+            expected = getattr(action.type, "__name__", str(action.type))
+            raise ConfigError(f"{where}: {item!r} is not a valid {expected} ({e})") from None
+        if action.choices is not None and converted not in action.choices:
+            raise ConfigError(f"{where}: {item!r} is not one of {list(action.choices)}")
+        out.append(converted)
+    return out if isinstance(value, list) else out[0]
+
+
+def parse_stage_args(dataclass_types: Sequence[type], argv: list[str] | None = None) -> tuple:
+    """Dataclass instances from `--config FILE.yaml` plus `--key value` overrides (the command line wins).
+
+    Unknown or ill-typed YAML keys fail with `file:line: key: problem (did you mean ...?)`.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(dataclass_types)
+    config_path = None
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ConfigError("--config: expected a YAML file path")
+        config_path = Path(argv[i + 1])
+        del argv[i:i + 2]
+    if config_path is not None:
+        if not config_path.is_file():
+            raise ConfigError(f"--config: {config_path} does not exist")
+        values, lines = _yaml_with_lines(config_path)
+        actions = {a.dest: a for a in parser._actions if a.dest != "help"}
+        defaults = {}
+        for key, value in values.items():
+            where = f"{config_path}:{lines.get(key, 1)}: {key}"
+            if key not in actions:
+                close = difflib.get_close_matches(key, list(actions), n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ConfigError(f"{where}: unknown key{hint}")
+            defaults[key] = _convert(actions[key], value, where)
+        parser.set_defaults(**defaults)
+        for action in parser._actions:  # a YAML value satisfies a required argument
+            if action.dest in defaults:
+                action.required = False
+    try:
+        return parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
+    except ValueError as e:  # a dataclass __post_init__ rejected a value
+        source = f"{config_path}: " if config_path else ""
+        raise ConfigError(f"{source}{e}") from e
+
+
+# --------------------------------------------------------------------------- outputs and checkpoints
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> str | None:
+    """The highest `checkpoint-N` in `directory` that finished saving (Trainer writes trainer_state.json last)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    done = [p for p in directory.glob("checkpoint-*")
+            if re.fullmatch(r"checkpoint-\d+", p.name) and (p / "trainer_state.json").is_file()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[1]))) if done else None
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class StageOutput:
+    """An output folder that appears only when complete.
+
+    Work happens in `<output_dir>.incomplete` (kept after an interruption, so its checkpoints resume the run);
+    `finish(manifest)` writes the manifest last and renames the folder into place. Refuses to replace a finished
+    output unless `overwrite`.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, *, overwrite: bool = False, keep_checkpoints: bool = False):
+        self.output_dir = Path(output_dir)
+        self.work = self.output_dir.with_name(self.output_dir.name + ".incomplete")
+        self.checkpoints_dir = self.work / "checkpoints"
+        self.overwrite, self.keep_checkpoints = overwrite, keep_checkpoints
+        self.finished = False
+
+    def __enter__(self) -> "StageOutput":
+        if self.output_dir.exists() and not self.overwrite:
+            raise FileExistsError(f"{self.output_dir} already exists (a finished stage output); pass --overwrite true "
+                                  f"to replace it, or choose another --output_dir")
+        if (self.work / MANIFEST_NAME).exists():  # cannot happen through finish(); never let it pass as complete
+            (self.work / MANIFEST_NAME).unlink()
+        self.work.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def finish(self, manifest: dict) -> Path:
+        """Main process only: drop checkpoints (unless kept), write the manifest, rename into place."""
+        if not self.keep_checkpoints:
+            shutil.rmtree(self.checkpoints_dir, ignore_errors=True)
+        write_manifest(self.work, manifest)
+        if self.output_dir.exists():
+            old = self.output_dir.with_name(self.output_dir.name + ".replaced")
+            shutil.rmtree(old, ignore_errors=True)
+            self.output_dir.rename(old)
+            self.work.rename(self.output_dir)
+            shutil.rmtree(old)
+        else:
+            self.work.rename(self.output_dir)
+        self.finished = True
+        return self.output_dir
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        return False  # on error the work folder stays for a resume; nothing is renamed
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def check_distributed_setup(training=None) -> None:
+    """Refuse to run N independent copies: WORLD_SIZE > 1 but Accelerate did not set up a process group.
+
+    Pass the training arguments: Accelerate's process state is created once, and on a machine without GPUs it
+    joins the CPU process group only when created with cpu=True (as Trainer does for use_cpu).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    cpu = bool(getattr(training, "use_cpu", False)) or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    if state.distributed_type == DistributedType.NO or state.num_processes != world:
+        raise RuntimeError(
+            f"WORLD_SIZE={world} but Accelerate runs {state.num_processes} process(es) of type "
+            f"{state.distributed_type}: each process would train its own copy. On CPU use "
+            f"`accelerate launch --config_file recipes/accelerate/cpu_ddp.yaml`; FSDP and DeepSpeed need GPUs")

@@ -1,0 +1,120 @@
+"""PPO stage: our PPOTrainer on an SFT policy, scored by a reward model (optionally plus the demo verifier).
+
+The value model starts from the reward model (`value_model_path`, default `reward_model_path`). With `method: lora`
+a fresh adapter trains on the merged SFT weights and the reference is the policy with the adapter disabled. The
+reward model may use another tokenizer: responses are decoded and re-encoded for it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from pipeline.alignment.ppo_trainer import PPOConfig, PPOTrainer
+from pipeline.data.packing import tokenizer_hash
+from pipeline.data.tokenizer import load_tokenizer
+from pipeline.hub.manifest import build_manifest, check_parent
+from pipeline.stages.adapters import MethodArguments, load_for_method, merged_for_saving
+from pipeline.stages.common import StageOutput, check_distributed_setup, latest_checkpoint
+from pipeline.stages.reward import full_weights_dir
+from pipeline.stages.sft import demo_exact_match
+from pipeline.stages.training import DataArguments, dataset_records, resolve_mixture
+
+
+@dataclass
+class PPOArguments(MethodArguments, DataArguments):
+    model_name_or_path: str = field(default="outputs/demo/sft", metadata={"help": "the SFT policy (full or adapter)"})
+    reward_model_path: str = field(default="outputs/demo/reward", metadata={"help": "a reward stage output"})
+    value_model_path: str | None = field(default=None, metadata={"help": "value model init; default: the reward model"})
+    verifier_weight: float = field(default=0.0, metadata={
+        "help": "add this times the demo verifier (1 if the answer is right) to the reward-model score"})
+    eval_demo_tasks: int = field(default=0, metadata={"help": "exact match on held-out demo tasks after training"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a finished output_dir"})
+
+
+def reward_function(reward_model, reward_tokenizer, policy_tokenizer, references: dict | None, weight: float):
+    """(prompt ids, response ids) -> scores: the reward model's score of the rendered chat, plus `weight` x verifier."""
+    same = tokenizer_hash(reward_tokenizer) == tokenizer_hash(policy_tokenizer)
+    reward_model.eval()
+
+    @torch.no_grad()
+    def score(prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
+        if same:
+            rows = [p + r for p, r in zip(prompts, responses)]
+        else:  # another tokenizer: go through text, special tokens included, so the chat structure survives
+            texts = [policy_tokenizer.decode(p + r, skip_special_tokens=False) for p, r in zip(prompts, responses)]
+            rows = reward_tokenizer(texts, add_special_tokens=False)["input_ids"]
+        pad = reward_tokenizer.pad_token_id
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=reward_model.device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=reward_model.device)
+        scores = reward_model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
+        if weight and references is not None:
+            from pipeline.data.demo_tasks import verify
+
+            answers = [policy_tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
+            right = [verify(a, references.get(tuple(p), "\0")) for a, p in zip(answers, prompts)]
+            scores = scores + weight * torch.tensor(right, dtype=scores.dtype, device=scores.device)
+        return scores.cpu()
+
+    return score
+
+
+def run_ppo(args: PPOArguments, config: PPOConfig) -> Path:
+    check_distributed_setup(None)
+    started, destination = time.monotonic(), Path(config.output_dir)
+    with StageOutput(config.output_dir, overwrite=args.overwrite) as out:
+        tokenizer = load_tokenizer(args.model_name_or_path)
+        check_parent(args.model_name_or_path, tokenizer)
+        reward_tokenizer = load_tokenizer(args.reward_model_path)
+        check_parent(args.reward_model_path, reward_tokenizer, expect_artifact="model")
+        mixture = resolve_mixture(args)
+        if mixture.canonical_format not in ("prompt_completion", "preference"):
+            raise ValueError(f"dataset: PPO needs conversational prompts (prompt/completion or preference rows), "
+                             f"not {mixture.canonical_format}")
+        prompts = [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"]
+                   for r in mixture.train]
+        references = None
+        if mixture.canonical_format == "prompt_completion":
+            references = {tuple(p): (r["completion"][0]["content"] if isinstance(r["completion"], list)
+                                     else r["completion"]) for p, r in zip(prompts, mixture.train)}
+
+        base = full_weights_dir(args.model_name_or_path, out.work / "initial-weights")
+        policy = load_for_method(base, args, tokenizer, seed=config.seed)
+        ref_model = None if args.is_adapter else AutoModelForCausalLM.from_pretrained(base)
+        reward_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model_path)
+        value_model = AutoModelForSequenceClassification.from_pretrained(args.value_model_path or args.reward_model_path)
+        reward_model.requires_grad_(False)
+
+        config.output_dir = str(out.checkpoints_dir)
+        trainer = PPOTrainer(config, policy=policy, tokenizer=tokenizer, value_model=value_model,
+                             reward_fn=reward_function(reward_model, reward_tokenizer, tokenizer, references,
+                                                       args.verifier_weight),
+                             prompts=prompts, ref_model=ref_model)
+        history = trainer.train(resume_from_checkpoint=latest_checkpoint(out.checkpoints_dir))  # resume if killed
+        scores = [h["mean_score"] for h in history]
+        quarter = max(1, len(scores) // 4)
+        metrics = {"mean_reward_first": sum(scores[:quarter]) / quarter, "mean_reward": sum(scores[-quarter:]) / quarter,
+                   "final_kl": history[-1]["kl"] if history else None, "reward_history": scores,
+                   "samples": trainer.samples}
+        final = merged_for_saving(trainer.policy)
+        if args.eval_demo_tasks:
+            metrics.update(demo_exact_match(final, tokenizer, args.eval_demo_tasks, config.seed))
+        metrics["wall_seconds"] = round(time.monotonic() - started, 1)
+        if trainer.accelerator.is_main_process:
+            shutil.rmtree(out.work / "initial-weights", ignore_errors=True)
+            final.save_pretrained(out.work)
+            tokenizer.save_pretrained(out.work)
+            out.finish(build_manifest(
+                "ppo", artifact="model", config={"stage": asdict(args), "ppo": asdict(config)},
+                parent_dir=args.model_name_or_path, base_model=args.model_name_or_path, tokenizer=tokenizer,
+                datasets=dataset_records(mixture, args), metrics=metrics))
+        trainer.accelerator.wait_for_everyone()
+    print(f"PPO done: mean reward {metrics['mean_reward_first']:.3f} -> {metrics['mean_reward']:.3f}, "
+          f"exact match {metrics.get('exact_match')}")
+    return destination

@@ -1,0 +1,81 @@
+"""Supervised fine-tuning with TRL's SFTTrainer: chat template, assistant-only loss, packing, any method."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+from pipeline.data.tokenizer import load_tokenizer
+from pipeline.hub.manifest import check_parent
+from pipeline.stages.adapters import MethodArguments, count_trainable, load_for_method
+from pipeline.stages.common import StageOutput, check_distributed_setup
+from pipeline.stages.training import (
+    DataArguments, finish_stage, guards, on_cpu_only, resolve_mixture, train_resuming,
+)
+
+
+@dataclass
+class SFTArguments(MethodArguments, DataArguments):
+    model_name_or_path: str = field(default="outputs/demo/pretrain", metadata={"help": "a pretrain stage output"})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "default: the model's folder"})
+    eval_demo_tasks: int = field(default=0, metadata={
+        "help": "score exact match on this many held-out demo tasks after training (0: off)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a finished output_dir"})
+    max_seconds: float | None = field(default=None, metadata={"help": "save and stop after this many seconds"})
+
+
+def run_sft(args: SFTArguments, training: SFTConfig) -> Path:
+    check_distributed_setup(training)
+    on_cpu_only(training)
+    started, destination = time.monotonic(), Path(training.output_dir)
+    with StageOutput(training.output_dir, overwrite=args.overwrite) as out:
+        tokenizer = load_tokenizer(args.tokenizer_name_or_path or args.model_name_or_path)
+        check_parent(args.model_name_or_path, tokenizer, expect_artifact="model")
+        mixture = resolve_mixture(args, default_test_size=0.02)
+        if mixture.canonical_format not in ("messages", "prompt_completion", "text"):
+            raise ValueError(f"dataset: SFT trains on messages, prompt/completion or text rows, "
+                             f"not {mixture.canonical_format}")
+        if training.assistant_only_loss and mixture.canonical_format != "messages":
+            raise ValueError("assistant_only_loss: needs chat (messages) rows; set it false for prompt/completion "
+                             "rows (their loss is on the completion already)")
+        if args.method == "prompt_tuning" and training.packing:
+            raise ValueError("packing: prompt tuning prepends virtual tokens to every row, which packed rows cannot "
+                             "share; set packing: false")
+        model = load_for_method(args.model_name_or_path, args, tokenizer, seed=training.seed)
+        trainable, total = count_trainable(model)
+        print(f"{args.method}: training {trainable / 1e6:.3f}M of {total / 1e6:.3f}M parameters")
+
+        training.output_dir = str(out.checkpoints_dir)
+        callbacks, limit, history = guards(args.max_seconds)
+        trainer = SFTTrainer(model=model, args=training, processing_class=tokenizer,
+                             train_dataset=Dataset.from_list(mixture.train),
+                             eval_dataset=Dataset.from_list(mixture.eval) if mixture.eval else None,
+                             callbacks=callbacks)
+        result = train_resuming(trainer, out, training)
+        metrics = {"train_loss": result.training_loss}
+        if mixture.eval:
+            metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+        if args.eval_demo_tasks:
+            metrics.update(demo_exact_match(trainer.model, tokenizer, args.eval_demo_tasks, training.seed))
+        metrics.update(wall_seconds=round(time.monotonic() - started, 1), stopped_by_time_limit=limit.hit,
+                       loss_history=history.points)
+
+        # The PEFT methods save an adapter whose manifest names the parent as its base; the others a full model.
+        finish_stage(trainer, out, "sft", tokenizer=tokenizer, artifact="adapter" if args.is_adapter else "model",
+                     config={"stage": asdict(args), "training": training.to_dict()}, parent=args.model_name_or_path,
+                     mixture=mixture, data=args, metrics=metrics)
+    print(f"SFT done: { {k: v for k, v in metrics.items() if k != 'loss_history'} }")
+    return destination
+
+
+def demo_exact_match(model, tokenizer, n: int, seed: int) -> dict:
+    """Exact match on `n` held-out demo tasks (chat prompts, greedy answers)."""
+    from pipeline.data.demo_tasks import eval_tasks
+    from pipeline.evaluation.evaluators import demo_exact_match as score
+
+    result = score(model, tokenizer, eval_tasks(n, seed=0), chat=True)
+    return {"exact_match": result["exact_match"], "exact_match_per_kind": result.get("per_kind", {})}

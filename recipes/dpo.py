@@ -1,0 +1,18 @@
+"""Direct preference optimisation (TRL DPOTrainer) from an SFT artifact; loss variant via `loss_type`.
+
+    accelerate launch recipes/dpo.py --config recipes/configs/demo/dpo.yaml [--loss_type ipo] [--key value ...]
+"""
+
+from trl import DPOConfig
+
+from pipeline.stages.common import parse_stage_args
+from pipeline.stages.dpo import DPOArguments, run_dpo
+
+
+def main(argv=None):
+    args, training = parse_stage_args((DPOArguments, DPOConfig), argv)
+    run_dpo(args, training)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+"""GRPO (TRL GRPOTrainer) from an SFT policy, rewarded by the demo verifier and/or a reward model.
+
+    accelerate launch recipes/grpo.py --config recipes/configs/demo/grpo.yaml [--reward_model_path DIR] [--key value ...]
+"""
+
+from trl import GRPOConfig
+
+from pipeline.stages.common import parse_stage_args
+from pipeline.stages.grpo import GRPOArguments, run_grpo
+
+
+def main(argv=None):
+    args, training = parse_stage_args((GRPOArguments, GRPOConfig), argv)
+    run_grpo(args, training)
+
+
+if __name__ == "__main__":
+    main()

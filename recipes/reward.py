@@ -1,0 +1,18 @@
+"""Train a reward model (TRL RewardTrainer, PipelineGPTForSequenceClassification) from an SFT artifact.
+
+    accelerate launch recipes/reward.py --config recipes/configs/demo/reward.yaml [--key value ...]
+"""
+
+from trl import RewardConfig
+
+from pipeline.stages.common import parse_stage_args
+from pipeline.stages.reward import RewardArguments, run_reward
+
+
+def main(argv=None):
+    args, training = parse_stage_args((RewardArguments, RewardConfig), argv)
+    run_reward(args, training)
+
+
+if __name__ == "__main__":
+    main()

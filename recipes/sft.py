@@ -1,0 +1,18 @@
+"""Supervised fine-tuning (TRL SFTTrainer): full, LoRA, QLoRA, freeze or prompt tuning, chosen by `method`.
+
+    accelerate launch recipes/sft.py --config recipes/configs/demo/sft.yaml [--method lora] [--key value ...]
+"""
+
+from trl import SFTConfig
+
+from pipeline.stages.common import parse_stage_args
+from pipeline.stages.sft import SFTArguments, run_sft
+
+
+def main(argv=None):
+    args, training = parse_stage_args((SFTArguments, SFTConfig), argv)
+    run_sft(args, training)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""`make demo` shortened: the whole chain runs, the report has its structure, every artifact loads."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import pipeline  # noqa: F401  (registers PipelineGPT)
+from conftest import REPO
+from test_docs import make_recipe
+
+TINY_CHAIN = [
+    "tokenizer.dataset_path=demo:pretrain?n=150", "tokenizer.vocab_size=300",
+    "pretrain.dataset_path=demo:pretrain?n=150", "pretrain.max_steps=4", "pretrain.hidden_size=32",
+    "pretrain.num_hidden_layers=2", "pretrain.num_attention_heads=2", "pretrain.intermediate_size=64",
+    "pretrain.block_size=32", "pretrain.per_device_train_batch_size=4",
+    "sft.dataset_path=demo:sft?n=100", "sft.max_steps=3", "sft.per_device_train_batch_size=4", "sft.lora_r=4",
+    "reward.dataset_path=demo:preference?n=100", "reward.max_steps=3", "reward.per_device_train_batch_size=4",
+    "ppo.dataset_path=demo:prompts?n=40", "ppo.max_steps=2", "ppo.batch_size=4", "ppo.mini_batch_size=2",
+    "dpo.dataset_path=demo:prompts?n=40", "dpo.max_steps=2", "dpo.per_device_train_batch_size=4",
+    "dpo.on_policy_samples=2",
+]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    (root / "recipes").symlink_to(REPO / "recipes")
+    (command,) = make_recipe("demo")  # exactly what `make demo` runs, plus tiny overrides
+    args = command.split()[1:] + ["--eval_tasks", "6"] + [x for item in TINY_CHAIN for x in ("--set", item)]
+    proc = subprocess.run([sys.executable, *args], cwd=root, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root / "outputs" / "demo", proc.stdout
+
+
+def test_report_structure(demo):
+    out, _ = demo
+    report = json.loads((out / "report.json").read_text())
+    stages = [row["stage"] for row in report["stages"]]
+    assert stages == ["tokenizer", "pretrain", "sft", "reward", "ppo", "dpo", "export"]
+    metrics = {row["stage"]: row["metrics"] for row in report["stages"]}
+    assert metrics["pretrain"]["perplexity"] > 1 and 0 <= metrics["pretrain"]["exact_match"] <= 1
+    for stage in ("sft", "ppo", "dpo"):
+        assert 0 <= metrics[stage]["exact_match"] <= 1
+    assert 0 <= metrics["reward"]["reward_accuracy"] <= 1 and "mean_reward" in metrics["ppo"]
+    assert all(m["wall_seconds"] > 0 for m in metrics.values())
+    table = (out / "report.md").read_text()
+    assert all(f"| {s} |" in table for s in stages)
+    assert (out / "metrics.png").is_file() and (out / "loss_curves.png").is_file()
+
+
+def test_every_artifact_loads(demo):
+    out, stdout = demo
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from pipeline.data.tokenizer import load_tokenizer
+
+    load_tokenizer(out / "tokenizer")
+    for stage in ("pretrain", "ppo", "dpo", "export"):
+        AutoModelForCausalLM.from_pretrained(out / stage, trust_remote_code=True)
+    AutoModelForSequenceClassification.from_pretrained(out / "reward")
+    from peft import AutoPeftModelForCausalLM
+
+    AutoPeftModelForCausalLM.from_pretrained(out / "sft")
+    assert (out / "export-llama" / "config.json").is_file()  # the demo architecture has a Llama equivalent
+    assert "clean-process load of" in stdout and "What is 41 plus 7? ->" in stdout
+
+
+def test_repeated_set_flags_all_reach_their_stages():
+    from pipeline.stages.chain import ChainArguments, gather_repeated, stage_command
+
+    argv = gather_repeated("--set", ["--set", "sft.max_steps=7", "--stages", "sft", "--set", "seed=3",
+                                     "--set", "reward.max_steps=9"])
+    assert argv == ["--stages", "sft", "--set", "sft.max_steps=7", "seed=3", "reward.max_steps=9"]
+    args = ChainArguments(set=argv[-3:])
+    sft = stage_command("sft", args)
+    assert sft[sft.index("--max_steps") + 1] == "7" and sft[sft.index("--seed") + 1] == "3"
+    reward = stage_command("reward", args)
+    assert reward[reward.index("--max_steps") + 1] == "9"
+    with pytest.raises(ValueError, match="STAGE"):
+        stage_command("sft", ChainArguments(set=["no-equals-sign"]))
+    from pipeline.stages.chain import run_chain
+
+    with pytest.raises(ValueError, match="unknown stage 'sftt'"):
+        run_chain(ChainArguments(set=["sftt.max_steps=3"]))

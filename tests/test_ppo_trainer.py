@@ -1,0 +1,184 @@
+"""PPOTrainer on tiny random PipelineGPT models with a rule reward: exact gradient accumulation, determinism,
+exact resume, LoRA with the adapter-off reference, failure on a non-finite loss, and learning a trivial reward."""
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from pipeline.alignment import PPOConfig, PPOTrainer
+from pipeline.data.tokenizer import train_tokenizer
+from pipeline.modeling import PipelineGPTConfig, PipelineGPTForCausalLM, PipelineGPTForSequenceClassification
+
+VOCAB = 64  # the model only emits ids below this; the tokenizer has more, which is harmless
+TARGET = 7  # the token the rule rewards
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = ["the cat sat on the mat", "a dog ran far away", "one two three four five"] * 20
+    return train_tokenizer(texts, vocab_size=300, show_progress=False)
+
+
+def tiny_models(seed: int = 0):
+    torch.manual_seed(seed)
+    config = PipelineGPTConfig.preset("llama", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, intermediate_size=64, pad_token_id=0, bos_token_id=1,
+                                      eos_token_id=2)
+    policy = PipelineGPTForCausalLM(copy.deepcopy(config))
+    ref = PipelineGPTForCausalLM(copy.deepcopy(config))
+    ref.load_state_dict(policy.state_dict())
+    value_config = copy.deepcopy(config)
+    value_config.num_labels = 1
+    return policy, ref, PipelineGPTForSequenceClassification(value_config)
+
+
+def prompts(n: int = 8) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(123)
+    return [[1] + torch.randint(3, VOCAB, (int(2 + i % 3),), generator=generator).tolist() for i in range(n)]
+
+
+def fraction_of_target(prompts_ids, responses_ids) -> torch.Tensor:
+    return torch.tensor([sum(t == TARGET for t in r) / max(len(r), 1) for r in responses_ids])
+
+
+def contains_target(prompts_ids, responses_ids) -> torch.Tensor:
+    return torch.tensor([float(TARGET in r) for r in responses_ids])
+
+
+def make_trainer(tokenizer, tmp_path, *, reward_fn=contains_target, lora=False, scramble=False, **overrides):
+    policy, ref, value = tiny_models()
+    if scramble:  # trainable weights unlike the run being resumed; the reference stays the caller's
+        with torch.no_grad():
+            for p in [*policy.parameters(), *value.parameters()]:
+                p.add_(torch.randn_like(p))
+    if lora:
+        policy = get_peft_model(policy, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                   lora_dropout=0.0, task_type="CAUSAL_LM"))
+        ref = None
+    settings = dict(output_dir=str(tmp_path), batch_size=4, mini_batch_size=2, ppo_epochs=2, max_steps=2,
+                    response_length=6, temperature=1.0, learning_rate=1e-3, value_learning_rate=1e-3, seed=7)
+    settings.update(overrides)
+    return PPOTrainer(PPOConfig(**settings), policy=policy, tokenizer=tokenizer, value_model=value,
+                      reward_fn=reward_fn, prompts=prompts(), ref_model=ref)
+
+
+def parameters(trainer) -> dict[str, torch.Tensor]:
+    named = {f"policy.{k}": v for k, v in trainer.policy.named_parameters()}
+    named.update({f"value.{k}": v for k, v in trainer.value_model.named_parameters()})
+    return {k: v.detach().clone() for k, v in named.items()}
+
+
+def assert_same_parameters(a: dict, b: dict, atol=1e-6):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
+
+
+def test_gradient_accumulation_equals_one_big_mini_batch(tokenizer, tmp_path):
+    before = parameters(make_trainer(tokenizer, tmp_path / "x"))
+    accumulated = make_trainer(tokenizer, tmp_path / "a", mini_batch_size=2, gradient_accumulation_steps=2,
+                               max_steps=1, ppo_epochs=1)
+    single = make_trainer(tokenizer, tmp_path / "b", mini_batch_size=4, gradient_accumulation_steps=1,
+                          max_steps=1, ppo_epochs=1)
+    accumulated.train(), single.train()
+    after_accumulated, after_single = parameters(accumulated), parameters(single)
+    assert_same_parameters(after_accumulated, after_single)
+    # Adam hides a uniformly scaled gradient in its first step; its first moment (0.1 * grad) does not.
+    for a, b in ((accumulated.policy_optimizer, single.policy_optimizer),
+                 (accumulated.value_optimizer, single.value_optimizer)):
+        for state_a, state_b in zip(a.state_dict()["state"].values(), b.state_dict()["state"].values()):
+            torch.testing.assert_close(state_a["exp_avg"], state_b["exp_avg"], atol=1e-7, rtol=1e-4)
+    moved = max((after_single[k] - before[k]).abs().max().item() for k in before)
+    assert moved > 1e-4  # the step really changed the weights
+
+
+def test_same_seed_same_history_and_step_log(tokenizer, tmp_path):
+    first = make_trainer(tokenizer, tmp_path / "a").train()
+    second = make_trainer(tokenizer, tmp_path / "b").train()
+    assert first == second
+    assert [h["step"] for h in first] == [1, 2]
+    expected = {"mean_score", "kl", "entropy", "policy_clipfrac", "value_clipfrac", "approx_kl", "policy_loss",
+                "value_loss", "response_length", "kl_coef", "step"}
+    assert set(first[0]) == expected
+    assert 1 <= first[0]["response_length"] <= 6 and first[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # policy = ref
+
+
+def test_resumed_run_equals_uninterrupted_run(tokenizer, tmp_path):
+    interrupted = make_trainer(tokenizer, tmp_path / "run", max_steps=2, save_steps=2, adaptive_kl=True,
+                               kl_target=0.01, kl_horizon=10)
+    interrupted.train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "optimizer.pt", "policy", "rng_state_0.pth", "trainer_state.json", "value_model"]
+    assert not list((tmp_path / "run").glob(".*tmp"))
+
+    # Different initial weights: everything must come from the checkpoint.
+    resumed = make_trainer(tokenizer, tmp_path / "run", scramble=True, max_steps=4, save_steps=2, adaptive_kl=True,
+                           kl_target=0.01, kl_horizon=10)
+    resumed.train(resume_from_checkpoint=True)
+    straight = make_trainer(tokenizer, tmp_path / "straight", max_steps=4, adaptive_kl=True, kl_target=0.01,
+                            kl_horizon=10)
+    straight.train()
+    assert_same_parameters(parameters(resumed), parameters(straight))
+    assert [h["policy_loss"] for h in resumed.history] == pytest.approx([h["policy_loss"] for h in straight.history])
+    assert resumed.kl_controller.value == pytest.approx(straight.kl_controller.value)
+    assert resumed.history[-1]["kl_coef"] != resumed.history[0]["kl_coef"]  # the adaptive controller moved
+    state = json.loads((tmp_path / "run" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["step"] == 4 and len(state["history"]) == 4
+
+
+def test_resume_errors_are_clear(tokenizer, tmp_path):
+    trainer = make_trainer(tokenizer, tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="no checkpoint-<step>"):
+        trainer.train(resume_from_checkpoint=True)
+
+
+def test_lora_policy_uses_adapter_off_reference(tokenizer, tmp_path):
+    trainer = make_trainer(tokenizer, tmp_path / "lora", lora=True, max_steps=3, learning_rate=1e-2)
+    base_before = {k: v.clone() for k, v in trainer.policy.named_parameters() if "lora_" not in k}
+    history = trainer.train()
+    assert history[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # LoRA B starts at zero: policy == reference
+    assert abs(history[-1]["kl"]) > 1e-6  # the adapter moved away from its disabled self
+    for name, value in trainer.policy.named_parameters():
+        if name in base_before:
+            assert torch.equal(value, base_before[name]), name
+    saved = trainer.save_model(tmp_path / "lora-out")
+    assert (saved / "adapter_config.json").is_file() and (saved / "tokenizer.json").is_file()
+    assert not (saved / "model.safetensors").exists()
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tokenizer, tmp_path):
+    calls = []
+
+    def explodes_at_step_two(prompts_ids, responses_ids):
+        calls.append(1)
+        return torch.full((len(responses_ids),), 1e38 if len(calls) == 2 else 1.0)
+
+    trainer = make_trainer(tokenizer, tmp_path / "nan", reward_fn=explodes_at_step_two, max_steps=3, save_steps=1)
+    with pytest.raises(RuntimeError, match="PPO step 2: non-finite loss"):
+        trainer.train()
+    assert (tmp_path / "nan" / "checkpoint-1" / "trainer_state.json").is_file()
+    assert not (tmp_path / "nan" / "checkpoint-2").exists()
+
+
+def test_config_and_input_errors(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="batch_size=6 must be a multiple"):
+        PPOConfig(batch_size=6, mini_batch_size=2, gradient_accumulation_steps=2)
+    policy, _, value = tiny_models()
+    with pytest.raises(ValueError, match="pass ref_model"):
+        PPOTrainer(PPOConfig(), policy, tokenizer, value, contains_target, prompts())
+    with pytest.raises(ValueError, match=r"prompts\[0\]"):
+        PPOTrainer(PPOConfig(), policy, tokenizer, value, contains_target, ["a text prompt"], ref_model=policy)
+
+
+def test_policy_learns_a_trivial_reward(tokenizer, tmp_path):
+    trainer = make_trainer(tokenizer, tmp_path / "learn", reward_fn=fraction_of_target, batch_size=8,
+                           mini_batch_size=4, ppo_epochs=4, max_steps=15, response_length=8, learning_rate=1e-2,
+                           value_learning_rate=1e-2, init_kl_coef=0.0)
+    history = trainer.train()
+    scores = [h["mean_score"] for h in history]
+    assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.2, scores
+    assert len(trainer.samples) == 8 and set(trainer.samples[0]) == {"prompt", "response", "score"}

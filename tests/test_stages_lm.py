@@ -1,0 +1,258 @@
+"""Tokenizer, pretraining, SFT and classification stages end to end through `accelerate launch`, on tiny overrides
+of the shipped demo configs: artifacts load, lineage is checked, interrupted runs resume exactly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import pipeline  # noqa: F401  (registers PipelineGPT with the Auto classes)
+from conftest import REPO
+
+CONFIGS = REPO / "recipes" / "configs" / "demo"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE",
+       "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+# Hidden 64: bitsandbytes' CPU 4-bit kernel (QLoRA) needs layer inputs in multiples of 64.
+TINY_MODEL = ["--hidden_size", "64", "--num_hidden_layers", "2", "--num_attention_heads", "2",
+              "--intermediate_size", "64", "--block_size", "32"]
+TINY_TRAIN = ["--per_device_train_batch_size", "4", "--logging_steps", "1", "--max_seconds", "600"]
+
+
+def launch(stage: str, *args: str, processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    if processes == 1:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu"]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   str(REPO / "recipes" / "accelerate" / "cpu_ddp.yaml")]
+    command += [str(REPO / "recipes" / f"{stage}.py"), "--config", str(CONFIGS / f"{stage}.yaml"), *args]
+    proc = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def manifest(path: Path) -> dict:
+    return json.loads((path / "pipeline_manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chain")
+    launch("tokenizer", "--output_dir", str(root / "tokenizer"), "--dataset_path", "demo:pretrain?n=150",
+           "--vocab_size", "300")
+    launch("pretrain", "--output_dir", str(root / "pretrain"), "--tokenizer_name_or_path", str(root / "tokenizer"),
+           "--dataset_path", "demo:pretrain?n=150", "--max_steps", "6", "--save_steps", "3", *TINY_MODEL, *TINY_TRAIN)
+    return root
+
+
+def sft_args(chain: Path, out: Path, method: str, *extra: str) -> list[str]:
+    return ["--output_dir", str(out), "--model_name_or_path", str(chain / "pretrain"), "--method", method,
+            "--dataset_path", "demo:sft?n=120", "--max_steps", "4", "--save_steps", "2", "--eval_demo_tasks", "6",
+            "--lora_r", "4", "--lora_alpha", "8", "--num_virtual_tokens", "4", "--freeze_trainable_layers", "1",
+            *TINY_TRAIN, *extra]
+
+
+def test_tokenizer_and_pretrain_artifacts(chain):
+    tok, pre = manifest(chain / "tokenizer"), manifest(chain / "pretrain")
+    assert tok["stage"] == "tokenizer" and tok["artifact"] == "tokenizer"
+    assert pre["parent"]["path"] == str(chain / "tokenizer") and pre["tokenizer_hash"] == tok["tokenizer_hash"]
+    assert pre["metrics"]["perplexity"] > 1 and pre["config"]["training"]["max_steps"] == 6
+    assert not (chain / "pretrain.incomplete").exists()
+    check = ("from transformers import AutoModelForCausalLM;"
+             f"m = AutoModelForCausalLM.from_pretrained({str(chain / 'pretrain')!r}, trust_remote_code=True);"
+             "print(type(m).__name__)")
+    out = subprocess.run([sys.executable, "-P", "-c", "import sys; sys.modules['pipeline'] = None;" + check],
+                         cwd="/", env={**ENV, "PYTHONPATH": ""}, capture_output=True, text=True)
+    assert out.stdout.strip() == "PipelineGPTForCausalLM", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora", "freeze", "prompt_tuning"])
+def test_sft_methods_run_and_load(chain, tmp_path, method):
+    out = tmp_path / f"sft-{method}"
+    launch("sft", *sft_args(chain, out, method))
+    meta = manifest(out)
+    assert meta["artifact"] == ("model" if method in ("full", "freeze") else "adapter")
+    assert meta["parent"]["path"] == str(chain / "pretrain")
+    assert 0.0 <= meta["metrics"]["exact_match"] <= 1.0 and meta["metrics"]["train_loss"] > 0
+    if method in ("full", "freeze"):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(out)
+        if method == "freeze":  # frozen layers are bit-identical to the parent's
+            before = load_file(chain / "pretrain" / "model.safetensors")
+            after = load_file(out / "model.safetensors")
+            assert torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
+            assert not torch.equal(before["model.layers.1.mlp.up_proj.weight"], after["model.layers.1.mlp.up_proj.weight"])
+    else:
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(out)
+    assert model(torch.tensor([[1, 5, 6]])).logits.shape[-1] == 300
+    if method == "lora":
+        merged = tmp_path / "merged"
+        done = subprocess.run([sys.executable, "-m", "pipeline.cli", "merge", str(out), str(merged)], cwd=REPO,
+                              env=ENV, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        from transformers import AutoModelForCausalLM
+
+        plain = AutoModelForCausalLM.from_pretrained(merged)
+        ids = torch.tensor([[1, 4, 10, 11, 2, 5]])
+        assert torch.allclose(plain(ids).logits, model(ids).logits, atol=1e-5)
+        assert manifest(merged)["artifact"] == "model" and manifest(merged)["parent"]["path"] == str(out)
+
+
+def test_output_is_refused_without_overwrite_and_tokenizer_mismatch_is_refused(chain, tmp_path):
+    again = launch("pretrain", "--output_dir", str(chain / "pretrain"), "--tokenizer_name_or_path",
+                   str(chain / "tokenizer"), "--dataset_path", "demo:pretrain?n=150", "--max_steps", "1",
+                   *TINY_MODEL, *TINY_TRAIN, check=False)
+    assert again.returncode != 0 and "--overwrite true" in again.stderr
+    other = tmp_path / "other-tokenizer"
+    launch("tokenizer", "--output_dir", str(other), "--dataset_path", "demo:sft?n=150", "--vocab_size", "280")
+    mismatch = launch("sft", *sft_args(chain, tmp_path / "sft", "full", "--tokenizer_name_or_path", str(other)),
+                      check=False)
+    assert mismatch.returncode != 0 and "tokenizer" in mismatch.stderr.lower()
+    assert not (tmp_path / "sft").exists()
+
+
+# Runs a recipe whose process SIGKILLs itself right after saving checkpoint `step`: a crash at a known point,
+# with no race between a fast run finishing and a poller noticing the checkpoint.
+KILL_AFTER_SAVE = """
+import os, runpy, signal, sys
+from transformers import Trainer
+save = Trainer._save_checkpoint
+def save_then_die(self, *args, **kwargs):
+    save(self, *args, **kwargs)
+    if self.state.global_step >= {step}:
+        os.kill(os.getpid(), signal.SIGKILL)
+Trainer._save_checkpoint = save_then_die
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _kill_after_checkpoint(recipe_and_args: list[str], work: Path, step: int) -> None:
+    proc = subprocess.run([sys.executable, "-c", KILL_AFTER_SAVE.format(step=step), *recipe_and_args], cwd=REPO,
+                          env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert (work / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").is_file()
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft"])
+def test_sigkill_then_resume_equals_uninterrupted(chain, tmp_path, stage):
+    if stage == "pretrain":
+        extra = ["--tokenizer_name_or_path", str(chain / "tokenizer"), "--dataset_path", "demo:pretrain?n=150",
+                 "--max_steps", "8", "--save_steps", "2", *TINY_MODEL, *TINY_TRAIN]
+        make = lambda out: ["--output_dir", str(out), *extra]  # noqa: E731
+        weights = "model.safetensors"
+    else:
+        make = lambda out: sft_args(chain, out, "lora", "--max_steps", "8", "--save_steps", "2")  # noqa: E731
+        weights = "adapter_model.safetensors"
+    launch(stage, *make(tmp_path / "straight"))
+    killed = tmp_path / "killed"
+    command = [str(REPO / "recipes" / f"{stage}.py"), "--config", str(CONFIGS / f"{stage}.yaml"), *make(killed)]
+    _kill_after_checkpoint(command, killed.with_name("killed.incomplete"), step=4)
+    assert not killed.exists()  # an interrupted run leaves nothing that looks finished
+    assert not (killed.with_name("killed.incomplete") / "pipeline_manifest.json").exists()
+    resumed = launch(stage, *make(killed))  # picks up checkpoint-4 by itself
+    assert "resuming from" in resumed.stdout and "checkpoint-4" in resumed.stdout
+    a, b = load_file(tmp_path / "straight" / weights), load_file(killed / weights)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+def test_two_process_ddp_equals_one_process_with_double_batch(chain, tmp_path):
+    common = ["--tokenizer_name_or_path", str(chain / "tokenizer"), "--dataset_path", "demo:pretrain?n=150",
+              "--max_steps", "3", "--save_steps", "100", *TINY_MODEL, "--logging_steps", "1", "--max_seconds", "600"]
+    launch("pretrain", "--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "4", *common)
+    launch("pretrain", "--output_dir", str(tmp_path / "two"), "--per_device_train_batch_size", "2", *common,
+           processes=2)
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+    assert manifest(tmp_path / "two")["stage"] == "pretrain"
+
+
+def test_classify_stage_reports_accuracy(chain, tmp_path):
+    out = tmp_path / "classify"
+    launch("classify", "--output_dir", str(out), "--model_name_or_path", str(chain / "pretrain"),
+           "--dataset_path", "demo:classification?n=120", "--max_steps", "4", *TINY_TRAIN)
+    meta = manifest(out)
+    assert 0.0 <= meta["metrics"]["accuracy"] <= 1.0
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.num_labels == 2
+
+
+# --------------------------------------------------------------------------- alignment stages
+
+
+@pytest.fixture(scope="module")
+def sft_lora(chain):
+    launch("sft", *sft_args(chain, chain / "sft", "lora"))
+    return chain / "sft"
+
+
+def load_causal_lm(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def reward(chain, sft_lora):
+    launch("reward", "--output_dir", str(chain / "reward"), "--model_name_or_path", str(sft_lora),
+           "--dataset_path", "demo:preference?n=120", "--max_steps", "4", *TINY_TRAIN)
+    return chain / "reward"
+
+
+def test_reward_model_from_a_lora_sft(reward):
+    meta = manifest(reward)
+    assert meta["artifact"] == "model" and 0 <= meta["metrics"]["reward_accuracy"] <= 1
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(reward)
+    assert model.config.num_labels == 1 and type(model).__name__ == "PipelineGPTForSequenceClassification"
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_ppo_stage_writes_a_loadable_policy(chain, sft_lora, reward, tmp_path, method):
+    out = tmp_path / "ppo"
+    launch("ppo", "--output_dir", str(out), "--model_name_or_path", str(sft_lora), "--reward_model_path", str(reward),
+           "--dataset_path", "demo:prompts?n=40", "--max_steps", "3", "--batch_size", "4", "--mini_batch_size", "2",
+           "--save_steps", "2", "--eval_demo_tasks", "6", "--method", method, "--lora_r", "4")
+    meta = manifest(out)
+    assert meta["stage"] == "ppo" and len(meta["metrics"]["reward_history"]) == 3
+    assert 0 <= meta["metrics"]["exact_match"] <= 1 and meta["config"]["ppo"]["max_steps"] == 3
+    assert load_causal_lm(out)(torch.tensor([[1, 4, 5]])).logits.shape[-1] == 300
+
+
+def test_dpo_on_policy_and_grpo(chain, sft_lora, tmp_path):
+    launch("dpo", "--output_dir", str(tmp_path / "dpo"), "--model_name_or_path", str(sft_lora),
+           "--dataset_path", "demo:prompts?n=40", "--max_steps", "2", "--on_policy_samples", "2",
+           "--eval_demo_tasks", "6", "--loss_type", "ipo", *TINY_TRAIN)
+    meta = manifest(tmp_path / "dpo")
+    assert meta["metrics"]["pairs_prompts"] > 30 and meta["config"]["training"]["loss_type"] == ["ipo"]
+    load_causal_lm(tmp_path / "dpo")
+    launch("grpo", "--output_dir", str(tmp_path / "grpo"), "--model_name_or_path", str(sft_lora),
+           "--dataset_path", "demo:prompts?n=40", "--max_steps", "2", "--num_generations", "4",
+           "--eval_demo_tasks", "6", *TINY_TRAIN)
+    assert manifest(tmp_path / "grpo")["metrics"]["reward_history"]
+    load_causal_lm(tmp_path / "grpo")
+
+
+def test_reward_model_on_real_hh_pairs(chain, sft_lora, shared_data, tmp_path):
+    out = tmp_path / "reward-hh"
+    launch("reward", "--output_dir", str(out), "--model_name_or_path", str(sft_lora), "--dataset_path",
+           str(shared_data / "preference" / "hh_rlhf_harmless_base_test_0-1800.jsonl"), "--max_steps", "3",
+           "--max_length", "256", *TINY_TRAIN)
+    meta = manifest(out)
+    assert 0 <= meta["metrics"]["reward_accuracy"] <= 1
+    assert meta["datasets"][0]["rows"] == 1800

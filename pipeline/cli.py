@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--config", required=True, help="a stage YAML, e.g. recipes/configs/demo/sft.yaml")
     inspect.add_argument("-n", "--samples", type=int, default=3)
     inspect.add_argument("--stage", help="the stage, when the config's file name does not start with it")
-    inspect.add_argument("overrides", nargs="*", help="--key value overrides of the config")
+    inspect.set_defaults(overrides=[])  # any other --key value pairs override the config (see main)
     inspect.set_defaults(func=data_inspect)
 
     merge_parser = commands.add_parser("merge", help="fold a LoRA adapter stage output into a full model")

@@ -84,3 +84,28 @@ def test_repeated_set_flags_all_reach_their_stages():
 
     with pytest.raises(ValueError, match="unknown stage 'sftt'"):
         run_chain(ChainArguments(set=["sftt.max_steps=3"]))
+
+
+def test_readme_real_data_chain_runs(shared_data, tmp_path):
+    """The README's `make demo ARGS=...` on the shared Alpaca and HH files, with tiny model and step overrides."""
+    import re
+    import shlex
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    documented = re.search(r'^make demo ARGS="(.*?)"$', readme, flags=re.S | re.M).group(1).replace("\\\n", " ")
+    documented = shlex.split(documented.replace("../shared/data", str(shared_data)))
+    stages = documented[documented.index("--stages") + 1].split(",")
+    tiny = [x for item in TINY_CHAIN if item.split(".")[0] in stages and not item.startswith(("sft.dataset_path",
+            "reward.dataset_path")) for x in ("--set", item)]
+    (tmp_path / "recipes").symlink_to(REPO / "recipes")
+    (command,) = make_recipe("demo")
+    proc = subprocess.run([sys.executable, *command.split()[1:], *documented, *tiny, "--eval_tasks", "6"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "outputs" / "demo"
+    report = json.loads((out / "report.json").read_text())
+    assert [row["stage"] for row in report["stages"]] == stages
+    sft = json.loads((out / "sft" / "pipeline_manifest.json").read_text())
+    reward = json.loads((out / "reward" / "pipeline_manifest.json").read_text())
+    assert sft["datasets"][0]["name"].endswith("alpaca_en_0-3252.json") and sft["datasets"][0]["rows"] > 3000
+    assert reward["datasets"][0]["rows"] == 1800 and 0 <= reward["metrics"]["reward_accuracy"] <= 1

@@ -15,7 +15,7 @@ def tokenizer_dir(tmp_path_factory):
 
 
 def write_config(path, tokenizer_dir, body: str):
-    path.write_text(f"model_name_or_path: {tokenizer_dir}\ntokenizer_name_or_path: {tokenizer_dir}\n{body}")
+    path.write_text(f"model_name_or_path: {tokenizer_dir}\n{body}")  # only the tokenizer is read from there
     return path
 
 

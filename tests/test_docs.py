@@ -21,6 +21,7 @@ TINY = {
 }
 TINY.update({
     "pipeline data validate": "", "pipeline data convert": "", "pipeline data card": "",
+    "pipeline data inspect": "--dataset_path demo:sft?n=50",
     "python benchmarks/data_prep.py": "--documents 50 --vocab_size 300 --block_size 32 --repeats 1",
 })
 CHAIN_TINY = "--per_device_train_batch_size 4 --logging_steps 1"
@@ -40,6 +41,7 @@ TINY.update({
     "accelerate launch recipes/grpo.py": "--dataset_path demo:prompts?n=40 --max_steps 2 --num_generations 4 "
                                          f"--eval_demo_tasks 4 {CHAIN_TINY}",
     "pipeline merge": "", "pipeline export": "", "pipeline push": "",
+    "python benchmarks/ppo_speed.py": "--steps 1 --batch_size 4 --mini_batch_size 2",
     "python benchmarks/sft_packing.py": "--data demo:sft?n=60 --max_length 64 --batch_size 2 --hidden 32 --layers 1 "
                                         "--vocab_size 300 --steps 2 --repeats 1",
 })

@@ -71,7 +71,7 @@ def parse_stage_args(dataclass_types: Sequence[type], argv: list[str] | None = N
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(dataclass_types)
-    config_path = None
+    config_path, defaults = None, None
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
@@ -95,11 +95,21 @@ def parse_stage_args(dataclass_types: Sequence[type], argv: list[str] | None = N
         for action in parser._actions:  # a YAML value satisfies a required argument
             if action.dest in defaults:
                 action.required = False
+    if not _has_gpu() and any(a.dest == "bf16" for a in parser._actions) and "bf16" not in (defaults or {}):
+        # TRL 1.16 configs default to bf16=True and refuse it at parse time on a machine without a GPU; an
+        # explicit --bf16 true still gets that error.
+        parser.set_defaults(bf16=False)
     try:
         return parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
     except ValueError as e:  # a dataclass __post_init__ rejected a value
         source = f"{config_path}: " if config_path else ""
         raise ConfigError(f"{source}{e}") from e
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 # --------------------------------------------------------------------------- outputs and checkpoints

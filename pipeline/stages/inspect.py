@@ -10,43 +10,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
-STAGES = ("pretrain", "sft", "classify", "reward", "dpo", "ppo", "grpo")
+# stage -> (its module and arguments class, the trainer config class): what the stage's recipe parses.
+_STAGE_TYPES = {
+    "pretrain": ("pipeline.stages.pretrain:PretrainArguments", "transformers:TrainingArguments"),
+    "sft": ("pipeline.stages.sft:SFTArguments", "trl:SFTConfig"),
+    "classify": ("pipeline.stages.classify:ClassifyArguments", "transformers:TrainingArguments"),
+    "reward": ("pipeline.stages.reward:RewardArguments", "trl:RewardConfig"),
+    "dpo": ("pipeline.stages.dpo:DPOArguments", "trl:DPOConfig"),
+    "ppo": ("pipeline.stages.ppo:PPOArguments", "pipeline.stages.ppo:PPOConfig"),
+    "grpo": ("pipeline.stages.grpo:GRPOArguments", "trl:GRPOConfig"),
+}
+STAGES = tuple(_STAGE_TYPES)
 
 
 def _stage_types(stage: str) -> tuple:
-    """The dataclasses the stage's recipe parses (imported lazily: each pulls in its trainer)."""
-    if stage == "pretrain":
-        from transformers import TrainingArguments
+    """The dataclasses the stage's recipe parses (imported on demand: each module pulls in its trainer)."""
+    import importlib
 
-        from pipeline.stages.pretrain import PretrainArguments
-        return PretrainArguments, TrainingArguments
-    if stage == "sft":
-        from trl import SFTConfig
+    def load(spec: str):
+        module, _, name = spec.partition(":")
+        return getattr(importlib.import_module(module), name)
 
-        from pipeline.stages.sft import SFTArguments
-        return SFTArguments, SFTConfig
-    if stage == "classify":
-        from transformers import TrainingArguments
-
-        from pipeline.stages.classify import ClassifyArguments
-        return ClassifyArguments, TrainingArguments
-    if stage == "reward":
-        from trl import RewardConfig
-
-        from pipeline.stages.reward import RewardArguments
-        return RewardArguments, RewardConfig
-    if stage == "dpo":
-        from trl import DPOConfig
-
-        from pipeline.stages.dpo import DPOArguments
-        return DPOArguments, DPOConfig
-    if stage == "ppo":
-        from pipeline.stages.ppo import PPOArguments, PPOConfig
-        return PPOArguments, PPOConfig
-    from trl import GRPOConfig
-
-    from pipeline.stages.grpo import GRPOArguments
-    return GRPOArguments, GRPOConfig
+    return tuple(load(spec) for spec in _STAGE_TYPES[stage])
 
 
 def stage_of(config: str | Path, stage: str | None = None) -> str:

@@ -42,7 +42,7 @@ def test_preference_and_pretrain_configs(tokenizer_dir, tmp_path, capsys):
 
     config = tmp_path / "pretrain.yaml"
     config.write_text(f"tokenizer_name_or_path: {tokenizer_dir}\nblock_size: 32\n"
-                      "dataset: {sources: [{path: 'demo:pretrain?n=20'}], test_size: 0, dedup: false}\n")
+                      "dataset: {sources: [{path: 'demo:pretrain?n=20'}], test_size: 0, dedup: false, clean: false}\n")
     assert main(["data", "inspect", "--config", str(config), "-n", "1"]) == 0
     out = capsys.readouterr().out
     assert "packed 20 documents" in out and "blocks of 32" in out and "--- block 1" in out

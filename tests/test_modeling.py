@@ -152,6 +152,24 @@ def test_packed_rows_equal_rows_alone(preset, implementation):
     torch.testing.assert_close(loss_packed[0], packed_logits, atol=1e-5, rtol=0)
 
 
+def test_packed_sdpa_attends_span_by_span_and_matches_the_masked_eager_path():
+    from pipeline.modeling.modeling_pipeline_gpt import packed_segments
+
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 0, 1, 2]])
+    assert packed_segments(position_ids, 2) == [[(0, 3), (3, 5), (5, 9)], [(0, 6), (6, 9)]]
+    ids = tokens(2, 9, seed=3)
+    grads = {}
+    for implementation in ("eager", "sdpa"):
+        model = tiny("llama")
+        model.set_attn_implementation(implementation)
+        model.train()
+        loss = model(ids, position_ids=position_ids, labels=ids).loss
+        loss.backward()
+        grads[implementation] = (loss.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone())
+    torch.testing.assert_close(grads["sdpa"][0], grads["eager"][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(grads["sdpa"][1], grads["eager"][1], atol=1e-5, rtol=1e-4)
+
+
 def test_flex_attention_matches_eager_in_inference():
     eager, flex = tiny(), tiny()
     flex.set_attn_implementation("flex_attention")

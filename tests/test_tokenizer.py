@@ -186,11 +186,12 @@ CONVERSATION = [
 
 def test_chat_template_renders_expected_text(tok):
     text = tok.apply_chat_template(CONVERSATION, tokenize=False)
+    # One space before each content, whatever leading whitespace the content had.
     assert text == (
-        "<|bos|><|system|>\nYou are terse.<|eos|>"
-        "<|user|>\nWhat is 2 + 3?<|eos|>"
-        "<|assistant|>\n5<|eos|>"
-        "<|user|>\n用中文说一遍。<|eos|>"
+        "<|bos|><|system|>\n You are terse.<|eos|>"
+        "<|user|>\n What is 2 + 3?<|eos|>"
+        "<|assistant|>\n 5<|eos|>"
+        "<|user|>\n 用中文说一遍。<|eos|>"
         "<|assistant|>\n 五。\n就这样 😀<|eos|>"
     )
     ids = tok.apply_chat_template(CONVERSATION, tokenize=True, return_dict=False)
@@ -215,11 +216,33 @@ def test_assistant_mask_covers_exactly_assistant_content_and_eos(tok):
             current = []
     if current:
         spans.append(current)
-    expected = [m["content"] + EOS_TOKEN for m in CONVERSATION if m["role"] == "assistant"]
+    expected = [" " + m["content"].lstrip() + EOS_TOKEN for m in CONVERSATION if m["role"] == "assistant"]
     assert [tok.decode(span) for span in spans] == expected
     # Every eos that closes an assistant turn is trained, no eos closing another turn is.
     masked_eos = [i for i, (t, b) in enumerate(zip(ids, mask)) if t == tok.eos_token_id and b]
     assert len(masked_eos) == 2
+
+
+def test_reply_starts_with_the_running_text_token(tok):
+    # " green" mid-sentence and at the start of a reply is one and the same token, so a model pretrained on
+    # plain text begins chat replies with tokens it has seen.
+    word = tok(" fox")["input_ids"]
+    reply = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "fox"}],
+                                    tokenize=True, return_dict=False)
+    assert reply[-1 - len(word):-1] == word == tok("The quick brown fox")["input_ids"][-len(word):]
+    assert tok.convert_ids_to_tokens(word[0]).startswith("\u0120")  # the byte-level space
+
+
+def test_cjk_characters_are_never_merged_together():
+    text = "安喜欢红色"
+    corpus = [f"{text}。"] * 200 + CHINESE * 20  # frequent enough that BPE fuses the phrase when allowed to
+
+    def most_characters_in_one_token(tokenizer):
+        return max(sum("\u4e00" <= ch <= "\u9fff" for ch in tokenizer.decode([i])) for i in tokenizer(text)["input_ids"])
+
+    assert most_characters_in_one_token(train_tokenizer(corpus, vocab_size=400, show_progress=False)) == 1
+    fused = train_tokenizer(corpus, vocab_size=400, show_progress=False, split_cjk_characters=False)
+    assert most_characters_in_one_token(fused) == len(text)
 
 
 def test_generation_prompt(tok):
@@ -301,7 +324,7 @@ def test_trl_sft_step_masks_non_assistant_tokens(tok, tmp_path):
         reference = reference + [0] * (len(labels) - len(reference))  # padding is never trained
         assert [label != -100 for label in labels.tolist()] == [bool(bit) for bit in reference]
         trained = labels[labels != -100].tolist()
-        expected = "".join(m["content"] + EOS_TOKEN for m in conversation if m["role"] == "assistant")
+        expected = "".join(" " + m["content"].lstrip() + EOS_TOKEN for m in conversation if m["role"] == "assistant")
         assert tok.decode(trained) == expected
 
     result = trainer.train()

@@ -6,6 +6,12 @@ Design decisions that callers rely on:
   ``<|system|>`` = 3, ``<|user|>`` = 4, ``<|assistant|>`` = 5. Byte tokens and merges follow.
 * Every byte is in the base vocabulary, so there is no unknown token: Chinese, emoji or binary junk all encode.
 * Every digit is its own token (digits are split before BPE), which keeps arithmetic data position-aligned.
+* By default every CJK character is its own pre-token, so merges never fuse a name, a verb and an object into one
+  token ("安喜欢红色"): a small vocabulary then spends its merges on byte sequences of single characters.
+* The chat template writes one space before each message's content (leading whitespace of the content is
+  dropped), as SentencePiece tokenizers do: the first word of a reply is then the same token as that word in
+  running text (" green", not "green"), so a model pretrained on plain text starts its chat answers with tokens
+  it knows.
 * ``tokenizer(text)`` adds NO bos/eos. The chat template adds bos itself, and pretraining packing inserts eos
   between documents itself; adding them here as well would double them.
 * ``decode(encode(text)) == text`` exactly: no normaliser, no prefix space, no clean-up of spaces.
@@ -20,7 +26,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 PAD_TOKEN = "<|pad|>"
@@ -35,17 +41,18 @@ _BYTE_ALPHABET_SIZE = 256
 
 # The eos token closes every turn, so a model stops generating at the end of its answer. For assistant turns the
 # content and that eos sit inside {% generation %} so that the assistant-token mask (and so TRL's
-# assistant_only_loss) trains the model to emit the eos as well as the answer.
+# assistant_only_loss) trains the model to emit the eos as well as the answer. The space before the content is
+# inside the generation block too: the model writes " green", the way the word appears mid-sentence.
 CHAT_TEMPLATE = (
     "{{- '" + BOS_TOKEN + "' -}}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'assistant' -%}"
     "{{- '" + ROLE_TOKENS["assistant"] + "\\n' -}}"
     "{%- generation -%}"
-    "{{- message['content'] + '" + EOS_TOKEN + "' -}}"
+    "{{- ' ' + message['content'].lstrip() + '" + EOS_TOKEN + "' -}}"
     "{%- endgeneration -%}"
     "{%- elif message['role'] == 'user' or message['role'] == 'system' -%}"
-    "{{- '<|' + message['role'] + '|>\\n' + message['content'] + '" + EOS_TOKEN + "' -}}"
+    "{{- '<|' + message['role'] + '|>\\n ' + message['content'].lstrip() + '" + EOS_TOKEN + "' -}}"
     "{%- else -%}"
     "{{- raise_exception('Unknown chat role \"' + message['role'] + '\"; expected system, user or assistant.') -}}"
     "{%- endif -%}"
@@ -65,11 +72,17 @@ def _non_empty_texts(texts: Iterable[str]) -> Iterator[str]:
             yield text
 
 
-def _build_backend() -> Tokenizer:
-    """An untrained byte-level BPE tokenizer with per-digit splitting and lossless decoding."""
+# CJK Unified Ideographs (+ extension A) and the compatibility block: the characters Chinese text is written in.
+_CJK_CHARACTER = r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"
+
+
+def _build_backend(split_cjk_characters: bool = True) -> Tokenizer:
+    """An untrained byte-level BPE tokenizer with per-digit (and per-CJK-character) splitting, lossless decoding."""
     tokenizer = Tokenizer(models.BPE())
+    splits = [pre_tokenizers.Split(Regex(_CJK_CHARACTER), behavior="isolated")] if split_cjk_characters else []
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
+            *splits,
             pre_tokenizers.Digits(individual_digits=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ]
@@ -89,6 +102,7 @@ def train_tokenizer(
     model_max_length: int = 2048,
     show_progress: bool = True,
     padding_side: str = "right",
+    split_cjk_characters: bool = True,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on ``texts`` and wrap it as a transformers fast tokenizer.
 
@@ -110,7 +124,7 @@ def train_tokenizer(
     if first is None:
         raise ValueError("cannot train a tokenizer: the text iterator yielded no non-empty text")
 
-    backend = _build_backend()
+    backend = _build_backend(split_cjk_characters)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,

@@ -110,6 +110,34 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return out, probs
 
 
+def packed_segments(position_ids: torch.Tensor, batch_size: int) -> list[list[tuple[int, int]]]:
+    """Per row, the (start, end) spans of the sequences packed into it: a sequence starts wherever the position id
+    does not continue the previous one (padding-free packing restarts positions at 0 for each sequence)."""
+    rows = position_ids.expand(batch_size, -1).tolist()
+    spans = []
+    for row in rows:
+        starts = [0] + [t for t in range(1, len(row)) if row[t] != row[t - 1] + 1]
+        spans.append(list(zip(starts, starts[1:] + [len(row)])))
+    return spans
+
+
+def segment_attention(query, key, value, segments, scaling: float, dropout: float = 0.0) -> torch.Tensor:
+    """Causal attention inside each packed sequence only, sequence by sequence, (B, H, T, D) in, (B, T, H, D) out.
+
+    A block-diagonal mask over the whole row costs T^2 per head; attending span by span costs the sum of the
+    squared lengths and lets SDPA use its causal kernel without a mask.
+    """
+    gqa = query.shape[1] != key.shape[1]
+    rows = []
+    for b, spans in enumerate(segments):
+        rows.append(torch.cat([
+            nn.functional.scaled_dot_product_attention(
+                query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], is_causal=True,
+                dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+            for s, e in spans], dim=2))
+    return torch.cat(rows, dim=0).transpose(1, 2).contiguous()
+
+
 class PipelineGPTAttention(nn.Module):
     """Multi-head attention with grouped key/value heads (MHA, GQA, MQA), optional QK-norm and rotary positions."""
 
@@ -150,6 +178,11 @@ class PipelineGPTAttention(nn.Module):
             q, k = apply_rotary(q, k, *position_embeddings)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
+        segments = kwargs.pop("packed_segments", None)
+        if segments is not None:
+            dropout = self.attention_dropout if self.training else 0.0
+            out = segment_attention(q, k, v, segments, self.scaling, dropout)
+            return self.o_proj(out.reshape(*batch_time, -1)), None
 
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -282,7 +315,13 @@ class PipelineGPTModel(PipelineGPTPreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
             position_ids = position_ids.unsqueeze(0)
 
-        mask = create_causal_mask(
+        # Packed rows under SDPA attend sequence by sequence (see segment_attention) instead of through a
+        # block-diagonal mask; other attention implementations get the mask (flash attention reads position_ids).
+        segments = None
+        if packed_call and past_key_values is None and self.config._attn_implementation == "sdpa":
+            segments = packed_segments(position_ids, inputs_embeds.shape[0])
+            kwargs["packed_segments"] = segments
+        mask = None if segments is not None else create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

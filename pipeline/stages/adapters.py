@@ -27,6 +27,9 @@ class MethodArguments:
     freeze_trainable_layers: int = field(default=1, metadata={"help": "freeze: train only the last N decoder layers"})
     freeze_trainable_modules: str = field(default="", metadata={
         "help": "freeze: also train parameters whose names contain any of these (comma-separated, e.g. norm,lm_head)"})
+    lora_train_special_tokens: bool = field(default=True, metadata={
+        "help": "LoRA/QLoRA: also train the input embeddings of the tokenizer's special tokens (the chat role "
+                "markers a base model pretrained on plain text has never seen); the rest stays frozen"})
     num_virtual_tokens: int = field(default=16, metadata={"help": "prompt tuning: learned prefix length"})
     prompt_tuning_init_text: str | None = field(default=None, metadata={
         "help": "prompt tuning: initialise the prefix from this text's embeddings (random when unset)"})
@@ -82,8 +85,18 @@ def load_for_method(path: str, method: MethodArguments, tokenizer=None, model_cl
     targets = method.lora_target_modules
     targets = targets if targets == "all-linear" else _names(targets)
     config = LoraConfig(task_type=task_type, r=method.lora_r, lora_alpha=method.lora_alpha,
-                        lora_dropout=method.lora_dropout, target_modules=targets)
+                        lora_dropout=method.lora_dropout, target_modules=targets,
+                        trainable_token_indices=special_token_ids(tokenizer) if method.lora_train_special_tokens else None)
     return get_peft_model(model, config)
+
+
+def special_token_ids(tokenizer) -> list[int] | None:
+    """Ids of the tokenizer's special tokens except padding: under LoRA their embeddings would otherwise stay at
+    their random initialisation when the base model never saw them (role markers, bos). None without a tokenizer."""
+    if tokenizer is None:
+        return None
+    ids = sorted(set(tokenizer.all_special_ids) - {tokenizer.pad_token_id})
+    return ids or None
 
 
 CPU_4BIT_BLOCK = 64  # bitsandbytes 0.50's CPU 4-bit kernel packs each weight row in blocks of 64 inputs

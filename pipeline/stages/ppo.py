@@ -31,14 +31,19 @@ class PPOArguments(MethodArguments, DataArguments):
     model_name_or_path: str = field(default="outputs/demo/sft", metadata={"help": "the SFT policy (full or adapter)"})
     reward_model_path: str = field(default="outputs/demo/reward", metadata={"help": "a reward stage output"})
     value_model_path: str | None = field(default=None, metadata={"help": "value model init; default: the reward model"})
+    reward_model_weight: float = field(default=1.0, metadata={
+        "help": "scale of the reward model's score in the reward (lower it when the reward model is weak on some "
+                "tasks and a verifier can carry them: a policy learns to exploit a reward model's blind spots)"})
     verifier_weight: float = field(default=0.0, metadata={
         "help": "add this times the demo verifier (1 if the answer is right) to the reward-model score"})
     eval_demo_tasks: int = field(default=0, metadata={"help": "exact match on held-out demo tasks after training"})
     overwrite: bool = field(default=False, metadata={"help": "replace a finished output_dir"})
 
 
-def reward_function(reward_model, reward_tokenizer, policy_tokenizer, references: dict | None, weight: float):
-    """(prompt ids, response ids) -> scores: the reward model's score of the rendered chat, plus `weight` x verifier."""
+def reward_function(reward_model, reward_tokenizer, policy_tokenizer, references: dict | None, weight: float,
+                    reward_model_weight: float = 1.0):
+    """(prompt ids, response ids) -> scores: `reward_model_weight` x the reward model's score of the rendered chat,
+    plus `weight` x verifier."""
     same = tokenizer_hash(reward_tokenizer) == tokenizer_hash(policy_tokenizer)
     reward_model.eval()
 
@@ -53,7 +58,7 @@ def reward_function(reward_model, reward_tokenizer, policy_tokenizer, references
         width = max(len(r) for r in rows)
         ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=reward_model.device)
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=reward_model.device)
-        scores = reward_model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
+        scores = reward_model_weight * reward_model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
         if weight and references is not None:
             from pipeline.data.demo_tasks import verify
 
@@ -94,7 +99,7 @@ def run_ppo(args: PPOArguments, config: PPOConfig) -> Path:
         config.output_dir = str(out.checkpoints_dir)
         trainer = PPOTrainer(config, policy=policy, tokenizer=tokenizer, value_model=value_model,
                              reward_fn=reward_function(reward_model, reward_tokenizer, tokenizer, references,
-                                                       args.verifier_weight),
+                                                       args.verifier_weight, args.reward_model_weight),
                              prompts=prompts, ref_model=ref_model)
         history = trainer.train(resume_from_checkpoint=latest_checkpoint(out.checkpoints_dir))  # resume if killed
         scores = [h["mean_score"] for h in history]

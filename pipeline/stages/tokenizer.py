@@ -19,6 +19,8 @@ class TokenizerArguments(DataArguments):
     vocab_size: int = field(default=1024, metadata={"help": "vocabulary size, special tokens included"})
     min_frequency: int = field(default=2, metadata={"help": "merges seen fewer times are not learned"})
     model_max_length: int = field(default=2048, metadata={"help": "recorded in tokenizer_config.json"})
+    split_cjk_characters: bool = field(default=True, metadata={
+        "help": "make every CJK character its own pre-token, so merges never span several Chinese words"})
     overwrite: bool = field(default=False, metadata={"help": "replace a finished output_dir"})
     seed: int = field(default=0, metadata={"help": "mixture sampling seed"})
 
@@ -29,7 +31,8 @@ def run_tokenizer(args: TokenizerArguments) -> Path:
         mixture = resolve_mixture(args)
         texts = [text for row in mixture.train for text in iter_texts(row)]
         tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
-                                    model_max_length=args.model_max_length)
+                                    model_max_length=args.model_max_length,
+                                    split_cjk_characters=args.split_cjk_characters)
         tokenizer.save_pretrained(out.work)
         chars = sum(len(t) for t in texts)
         tokens = sum(len(ids) for ids in tokenizer(texts[:2000])["input_ids"])

@@ -105,6 +105,10 @@ def test_sft_methods_run_and_load(chain, tmp_path, method):
         ids = torch.tensor([[1, 4, 10, 11, 2, 5]])
         assert torch.allclose(plain(ids).logits, model(ids).logits, atol=1e-5)
         assert manifest(merged)["artifact"] == "model" and manifest(merged)["parent"]["path"] == str(out)
+        # The special tokens' embeddings trained with the adapter (<|assistant|> = 5); ordinary tokens stayed put.
+        before = load_file(chain / "pretrain" / "model.safetensors")["model.embed_tokens.weight"]
+        after = plain.get_input_embeddings().weight.detach()
+        assert not torch.equal(after[5], before[5]) and torch.equal(after[6:], before[6:])
 
 
 def test_output_is_refused_without_overwrite_and_tokenizer_mismatch_is_refused(chain, tmp_path):

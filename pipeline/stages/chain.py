@@ -171,7 +171,7 @@ def export_and_load(root: Path, stage: str, args: ChainArguments) -> dict:
              "ids = tok.apply_chat_template([{'role': 'user', 'content': 'What is 41 plus 7?'}],"
              " add_generation_prompt=True, return_tensors='pt', return_dict=True)\n"
              "out = model.generate(**ids, max_new_tokens=8, do_sample=False)\n"
-             "print('What is 41 plus 7? ->', tok.decode(out[0, ids['input_ids'].shape[1]:], skip_special_tokens=True))\n")
+             "print('What is 41 plus 7? ->', tok.decode(out[0, ids['input_ids'].shape[1]:], skip_special_tokens=True).strip())\n")
     loaded = subprocess.run([sys.executable, "-P", "-c", probe], cwd="/", capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": ""})
     if loaded.returncode != 0:

@@ -241,7 +241,7 @@ def test_ppo_stage_writes_a_loadable_policy(chain, sft_lora, reward, tmp_path, m
 def test_dpo_on_policy_and_grpo(chain, sft_lora, tmp_path):
     launch("dpo", "--output_dir", str(tmp_path / "dpo"), "--model_name_or_path", str(sft_lora),
            "--dataset_path", "demo:prompts?n=40", "--max_steps", "2", "--on_policy_samples", "2",
-           "--eval_demo_tasks", "6", "--loss_type", "ipo", *TINY_TRAIN)
+           "--eval_demo_tasks", "6", "--loss_type", "ipo", "--loss_weights", "1.0", *TINY_TRAIN)
     meta = manifest(tmp_path / "dpo")
     assert meta["metrics"]["pairs_prompts"] > 30 and meta["config"]["training"]["loss_type"] == ["ipo"]
     load_causal_lm(tmp_path / "dpo")

@@ -182,3 +182,27 @@ def test_policy_learns_a_trivial_reward(tokenizer, tmp_path):
     scores = [h["mean_score"] for h in history]
     assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.2, scores
     assert len(trainer.samples) == 8 and set(trainer.samples[0]) == {"prompt", "response", "score"}
+
+
+def test_stage_reward_weights_scale_the_model_score_and_add_the_verifier(tokenizer):
+    """The PPO stage's reward: reward_model_weight x RM score + verifier_weight x (answer right)."""
+    from pipeline.stages.ppo import reward_function
+
+    torch.manual_seed(0)
+    config = PipelineGPTConfig.preset("llama", vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, intermediate_size=64, num_labels=1,
+                                      pad_token_id=tokenizer.pad_token_id)
+    reward_model = PipelineGPTForSequenceClassification(config)
+    prompt = tokenizer("one two", add_special_tokens=False).input_ids
+    right, wrong = (tokenizer(" " + word, add_special_tokens=False).input_ids for word in ("three", "four"))
+    references = {tuple(prompt): "three"}
+
+    def scores(rm_weight, verifier_weight):
+        score = reward_function(reward_model, tokenizer, tokenizer, references, verifier_weight, rm_weight)
+        return score([prompt, prompt], [right, wrong])
+
+    plain = scores(1.0, 0.0)
+    assert not torch.equal(plain[0], plain[1])
+    torch.testing.assert_close(scores(0.25, 0.0), 0.25 * plain)
+    torch.testing.assert_close(scores(0.25, 2.0), 0.25 * plain + torch.tensor([2.0, 0.0]))
+    torch.testing.assert_close(scores(0.0, 2.0), torch.tensor([2.0, 0.0]))

@@ -23,7 +23,8 @@ import pipeline  # noqa: F401  (registers PipelineGPT)
 from pipeline.alignment.ppo_trainer import PPOConfig, PPOTrainer
 from pipeline.data.demo_tasks import rl_prompt_rows
 from pipeline.data.tokenizer import load_tokenizer
-from pipeline.stages.ppo import reward_function
+from pipeline.stages.common import parse_stage_args
+from pipeline.stages.ppo import PPOArguments, reward_function
 from pipeline.stages.reward import full_weights_dir
 
 
@@ -35,7 +36,7 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--mini_batch_size", type=int, default=16)
     parser.add_argument("--response_length", type=int, default=10)
-    parser.add_argument("--learning_rate", type=float, default=5e-5, help="the demo's (recipes/configs/demo/ppo.yaml)")
+    parser.add_argument("--config", default="recipes/configs/demo/ppo.yaml", help="PPO settings (learning rates, KL, ...)")
     args = parser.parse_args(argv)
     for path in (args.sft, args.reward):
         if not (Path(path) / "pipeline_manifest.json").is_file():
@@ -50,10 +51,10 @@ def main(argv=None):
         rows = rl_prompt_rows(args.batch_size * args.steps, seed=0)
         prompts = [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"]
                    for r in rows]
-        config = PPOConfig(output_dir=str(Path(scratch) / "ppo"), batch_size=args.batch_size,
-                           mini_batch_size=args.mini_batch_size, ppo_epochs=2, max_steps=args.steps,
-                           response_length=args.response_length, temperature=1.0, learning_rate=args.learning_rate,
-                           value_learning_rate=1e-4, init_kl_coef=0.05, missing_eos_penalty=1.0, seed=0)
+        _, config = parse_stage_args((PPOArguments, PPOConfig), [
+            "--config", args.config, "--output_dir", str(Path(scratch) / "ppo"), "--max_steps", str(args.steps),
+            "--batch_size", str(args.batch_size), "--mini_batch_size", str(args.mini_batch_size),
+            "--response_length", str(args.response_length), "--save_steps", "0"])
         trainer = PPOTrainer(config, policy=policy, tokenizer=tokenizer, value_model=value,
                              reward_fn=reward_function(reward, tokenizer, tokenizer, None, 0.0), prompts=prompts,
                              ref_model=reference)

@@ -21,9 +21,19 @@ TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_lay
 
 
 def tiny(preset="llama", **overrides):
+    """A tiny model; preset "smeared" is the Llama block with keys smeared over 2 previous positions, its mixing
+    weights spread so heads and offsets differ."""
     torch.manual_seed(0)
+    if preset == "smeared":
+        preset, overrides = "llama", {**overrides, "key_smear": 2}
     config = PipelineGPTConfig.preset(preset, **{**TINY, **overrides})
-    return PipelineGPTForCausalLM(config).eval()
+    model = PipelineGPTForCausalLM(config).eval()
+    if config.key_smear:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.key_smear.copy_(torch.linspace(-2.0, 2.0, layer.self_attn.key_smear.numel())
+                                                .view_as(layer.self_attn.key_smear))
+    return model
 
 
 def tokens(batch=2, length=12, seed=1):
@@ -73,6 +83,58 @@ def test_llama_export_refuses_other_architectures_with_reason():
         llama_config_from(config)
 
 
+def test_llama_export_refuses_smeared_keys():
+    config = PipelineGPTConfig.preset("llama", **TINY, key_smear=1)
+    assert llama_incompatibilities(config) == ["key_smear=1 (Llama has 0)"]
+
+
+# --- smeared keys -------------------------------------------------------------------------------------------------
+
+def test_smear_keys_weights_previous_keys_and_stops_at_sequence_starts():
+    from pipeline.modeling.modeling_pipeline_gpt import smear_keys
+
+    keys = torch.tensor([1.0, 2.0, 4.0, 8.0]).view(1, 1, 4, 1).repeat(1, 2, 1, 1)  # (B, Hkv, T, D), 2 heads
+    previous = torch.tensor([20.0, 10.0]).view(1, 1, 2, 1).repeat(1, 2, 1, 1)  # the 2 keys before, oldest first
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.7, 0.2, 0.1]]))  # softmax gives these weights back
+    out = smear_keys(keys, previous, logits, None)
+    # head 0, position 0: 0.5 * 1 + 0.25 * 10 + 0.25 * 20; position 3: 0.5 * 8 + 0.25 * 4 + 0.25 * 2
+    torch.testing.assert_close(out[0, 0, :, 0], torch.tensor([8.0, 3.75, 2.75, 5.5]))
+    torch.testing.assert_close(out[0, 1, :, 0], torch.tensor([4.7, 2.6, 3.3, 6.6]))
+    # a position id below i keeps the key i steps back out: here a sequence restarts at the third position
+    out = smear_keys(keys, previous, logits, torch.tensor([[0, 1, 0, 1]]))
+    torch.testing.assert_close(out[0, 0, :, 0], torch.tensor([0.5, 1.25, 2.0, 5.0]))
+
+
+def test_key_smear_must_count_previous_keys():
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="key_smear: must be a number of previous keys"):
+            PipelineGPTConfig.preset("llama", **TINY, key_smear=bad)
+
+
+def test_smeared_keys_look_back_not_ahead_and_reduce_to_llama_without_mixing():
+    model = tiny("smeared")
+    ids = tokens(1, 10)
+    changed = ids.clone()
+    changed[0, 5] = (changed[0, 5] + 1 - 3) % (TINY["vocab_size"] - 3) + 3
+    # positions before the change are untouched; with all weight on a key's own part it is the plain Llama block
+    a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :5], b[:, :5], atol=0, rtol=0)
+    plain = tiny("llama")
+    missing = model.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing == [f"model.layers.{i}.self_attn.key_smear" for i in range(TINY["num_hidden_layers"])]
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.key_smear.zero_()[:, 0] = 100.0
+    torch.testing.assert_close(model(ids).logits, plain(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_smeared_keys_refuse_a_cache_they_cannot_read():
+    model = tiny("smeared")
+    with pytest.raises(ValueError, match="key_smear: generation needs transformers' DynamicCache"):
+        model.generate(tokens(1, 4), max_new_tokens=3, do_sample=False, cache_implementation="static",
+                       pad_token_id=0)
+
+
 # --- attention backends, cache, padding, packing ------------------------------------------------------------------
 
 def left_padded(model, lengths=(12, 7, 3)):
@@ -86,7 +148,7 @@ def left_padded(model, lengths=(12, 7, 3)):
     return rows, ids, mask
 
 
-@pytest.mark.parametrize("preset", ["llama", "gpt2", "qk_norm"])
+@pytest.mark.parametrize("preset", ["llama", "gpt2", "qk_norm", "smeared"])
 def test_eager_equals_sdpa_with_left_padding(preset):
     eager, sdpa = tiny(preset), tiny(preset)
     eager.set_attn_implementation("eager")
@@ -99,7 +161,7 @@ def test_eager_equals_sdpa_with_left_padding(preset):
     torch.testing.assert_close(a[real], b[real], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("preset", ["llama", "gpt2"])
+@pytest.mark.parametrize("preset", ["llama", "gpt2", "smeared"])
 def test_left_padded_rows_equal_rows_alone(preset):
     model = tiny(preset)
     rows, ids, mask = left_padded(model)
@@ -110,7 +172,7 @@ def test_left_padded_rows_equal_rows_alone(preset):
         torch.testing.assert_close(logits[i, -len(row):], alone, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("preset", ["llama", "gpt2"])
+@pytest.mark.parametrize("preset", ["llama", "gpt2", "smeared"])
 def test_generate_with_cache_equals_without(preset):
     model = tiny(preset)
     prompt = tokens(2, 6)
@@ -121,7 +183,7 @@ def test_generate_with_cache_equals_without(preset):
     assert torch.equal(with_cache, without)
 
 
-@pytest.mark.parametrize("preset", ["llama", "gpt2"])
+@pytest.mark.parametrize("preset", ["llama", "gpt2", "smeared"])
 def test_batched_left_padded_generate_equals_one_by_one(preset):
     model = tiny(preset)
     rows, ids, mask = left_padded(model)
@@ -132,7 +194,7 @@ def test_batched_left_padded_generate_equals_one_by_one(preset):
         assert torch.equal(batched[i], alone), f"row {i} differs when batched with left padding"
 
 
-@pytest.mark.parametrize("preset", ["llama", "gpt2"])
+@pytest.mark.parametrize("preset", ["llama", "gpt2", "smeared"])
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 def test_packed_rows_equal_rows_alone(preset, implementation):
     model = tiny(preset)

@@ -95,7 +95,10 @@ CLEAN_LOAD = textwrap.dedent("""
 @pytest.mark.parametrize("head", sorted(HEADS))
 def test_clean_process_loads_through_remote_code(tmp_path, head):
     head_class, _ = HEADS[head]
-    model = build(head_class, "qk_norm")
+    model = build(head_class, "qk_norm", key_smear=2)
+    with torch.no_grad():  # gates away from their initial value, so a load that re-initialised them would show
+        for layer in getattr(model, "model", model).layers:
+            layer.self_attn.key_smear.copy_(torch.tensor([[-1.5, 2.5, 0.3], [0.7, -0.2, 1.1]]))
     folder = tmp_path / "model"
     model.save_pretrained(folder)
     torch.save(X, folder / "x.pt")

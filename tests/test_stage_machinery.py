@@ -29,6 +29,18 @@ def test_yaml_values_and_command_line_overrides(tmp_path):
     assert training.output_dir == "out"
 
 
+def test_dict_options_take_json_on_the_command_line(tmp_path, capsys):
+    config = write(tmp_path / "c.yaml", "output_dir: out\nmodel_config:\n  qk_norm: true\n")
+    args, _ = parse_stage_args((PretrainArguments, TrainingArguments), ["--config", str(config)])
+    assert args.model_config == {"qk_norm": True}
+    args, _ = parse_stage_args((PretrainArguments, TrainingArguments),
+                               ["--config", str(config), "--model_config", '{"key_smear": true}'])
+    assert args.model_config == {"key_smear": True}
+    with pytest.raises(SystemExit):
+        parse_stage_args((PretrainArguments, TrainingArguments), ["--output_dir", "o", "--model_config", "[1]"])
+    assert "--model-config: expected a JSON object such as" in capsys.readouterr().err
+
+
 def test_unknown_key_names_file_line_and_suggestion(tmp_path):
     config = write(tmp_path / "c.yaml", "output_dir: out\n\nlearning_rat: 1.0e-3\n")
     with pytest.raises(ConfigError, match=rf"^{config}:3: learning_rat: unknown key \(did you mean learning_rate\?\)"):

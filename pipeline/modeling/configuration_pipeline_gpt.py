@@ -81,6 +81,9 @@ class PipelineGPTConfig(PreTrainedConfig):
     mlp_type: str = "gated"  # "gated": down(act(gate(x)) * up(x)) (SwiGLU, GeGLU); "plain": down(act(up(x)))
     hidden_act: str = "silu"  # activation, any key of transformers.activations.ACT2FN
     qk_norm: bool = False  # normalise queries and keys per head before RoPE
+    key_smear: int = 0  # mix into each key the keys of this many previous positions, with learned per-head
+    # weights (smeared keys); 0 = off. One layer can then match "the token after an earlier copy of the tokens
+    # before me", which small models otherwise learn slowly with two layers. Generation needs DynamicCache.
     attention_bias: bool = False  # biases on q/k/v/o projections
     mlp_bias: bool = False  # biases on MLP projections
     attention_dropout: float = 0.0  # dropout on attention probabilities (training only)
@@ -128,6 +131,8 @@ class PipelineGPTConfig(PreTrainedConfig):
                       "num_key_value_heads", "max_position_embeddings"):
             if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
                 raise ValueError(f"{field}: must be a positive integer, got {getattr(self, field)!r}")
+        if isinstance(self.key_smear, bool) or not isinstance(self.key_smear, int) or self.key_smear < 0:
+            raise ValueError(f"key_smear: must be a number of previous keys (0 = off), got {self.key_smear!r}")
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"num_attention_heads: {self.num_attention_heads} heads do not divide hidden_size "

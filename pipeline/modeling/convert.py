@@ -42,6 +42,7 @@ def llama_incompatibilities(config: PipelineGPTConfig) -> list[str]:
         "norm_position": "pre",
         "mlp_type": "gated",
         "qk_norm": False,
+        "key_smear": 0,
         "hidden_dropout": 0.0,
     }
     return [

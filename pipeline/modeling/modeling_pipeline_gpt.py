@@ -138,6 +138,48 @@ def segment_attention(query, key, value, segments, scaling: float, dropout: floa
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous()
 
 
+def cached_previous_keys(cache: Cache | None, layer_idx: int, like: torch.Tensor, count: int) -> torch.Tensor:
+    """The unsmeared keys of the last `count` cached positions, (B, Hkv, count, D), zeros where fewer are cached.
+
+    With smeared keys the cache holds [smeared key | own key] along the last dim (see PipelineGPTAttention), so
+    a new token can mix in its predecessors' own keys. Only transformers' DynamicCache layout is read.
+    """
+    width = like.shape[-1]
+    previous = like.new_zeros(*like.shape[:2], count, width)
+    cached = cache.get_seq_length(layer_idx) if cache is not None else 0
+    if cached == 0:
+        return previous
+    layer = cache.layers[layer_idx]
+    if type(layer).__name__ != "DynamicLayer" or layer.keys.shape[-1] != 2 * width:
+        raise ValueError(
+            f"key_smear: generation needs transformers' DynamicCache (the default), got {type(cache).__name__} "
+            f"with {type(layer).__name__}; drop cache_implementation or generate without key_smear"
+        )
+    kept = min(count, cached)
+    previous[:, :, count - kept:] = layer.keys[..., cached - kept:, width:]
+    return previous
+
+
+def smear_keys(keys: torch.Tensor, previous: torch.Tensor, logits: torch.Tensor,
+               position_ids: torch.Tensor | None) -> torch.Tensor:
+    """sum_i w_i * k_(t-i) per key head, i = 0..n, w = softmax(logits[head]) of shape (Hkv, n + 1).
+
+    `previous` holds the n keys before the first of `keys` (oldest first). A key i steps back is only mixed in
+    where the position id is at least i: position 0 starts a sequence (a packed document, or the first real
+    token after left padding), so nothing crosses sequences.
+    """
+    count, length = previous.shape[2], keys.shape[2]
+    extended = torch.cat([previous, keys], dim=2)  # (B, Hkv, n + T, D)
+    weights = torch.softmax(logits.float(), dim=-1).to(keys.dtype)  # (Hkv, n + 1)
+    out = keys * weights[:, 0].view(1, -1, 1, 1)
+    for back in range(1, count + 1):
+        shifted = extended[:, :, count - back:count - back + length]
+        if position_ids is not None:
+            shifted = shifted.masked_fill((position_ids < back).to(keys.device)[:, None, :, None], 0.0)
+        out = out + shifted * weights[:, back].view(1, -1, 1, 1)
+    return out
+
+
 class PipelineGPTAttention(nn.Module):
     """Multi-head attention with grouped key/value heads (MHA, GQA, MQA), optional QK-norm and rotary positions."""
 
@@ -157,6 +199,9 @@ class PipelineGPTAttention(nn.Module):
         self.o_proj = nn.Linear(q_width, config.hidden_size, bias=config.attention_bias)
         self.q_norm = build_norm(config, self.head_dim) if config.qk_norm else None
         self.k_norm = build_norm(config, self.head_dim) if config.qk_norm else None
+        self.key_smear = None
+        if config.key_smear:  # mixing logits per key head: own key, then 1, 2, ... positions back
+            self.key_smear = nn.Parameter(torch.zeros(config.num_key_value_heads, config.key_smear + 1))
 
     def forward(
         self,
@@ -176,7 +221,13 @@ class PipelineGPTAttention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         if position_embeddings is not None:
             q, k = apply_rotary(q, k, *position_embeddings)
-        if past_key_values is not None:
+        if self.key_smear is not None:
+            previous = cached_previous_keys(past_key_values, self.layer_idx, k, self.key_smear.shape[1] - 1)
+            own, k = k, smear_keys(k, previous, self.key_smear, kwargs.get("position_ids"))
+            if past_key_values is not None:
+                both, v = past_key_values.update(torch.cat([k, own], dim=-1), v, self.layer_idx)
+                k = both[..., : self.head_dim]
+        elif past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         segments = kwargs.pop("packed_segments", None)
         if segments is not None:
@@ -248,6 +299,11 @@ class PipelineGPTDecoderLayer(GradientCheckpointingLayer):
         return self.post_attention_layernorm(hidden_states + self.dropout(self.mlp(hidden_states)))
 
 
+# Initial mixing logit of a key's own part (the previous keys' start at 0): with one previous key a smeared key
+# starts as 0.73 its own and 0.27 its predecessor's.
+KEY_SMEAR_OWN_INIT = 1.0
+
+
 class PipelineGPTPreTrainedModel(PreTrainedModel):
     config: PipelineGPTConfig
     config_class = PipelineGPTConfig
@@ -270,6 +326,10 @@ class PipelineGPTPreTrainedModel(PreTrainedModel):
             proj = module.o_proj if isinstance(module, PipelineGPTAttention) else module.down_proj
             std = self.config.initializer_range / (2 * self.config.num_hidden_layers) ** 0.5
             init.normal_(proj.weight, mean=0.0, std=std)
+        if isinstance(module, PipelineGPTAttention) and module.key_smear is not None:
+            start = torch.zeros_like(module.key_smear)
+            start[:, 0] = KEY_SMEAR_OWN_INIT
+            init.copy_(module.key_smear, start)
 
 
 class PipelineGPTModel(PipelineGPTPreTrainedModel):

@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import argparse
 import difflib
+import json
 import os
 import re
 import shutil
@@ -64,6 +66,17 @@ def _convert(action, value: Any, where: str) -> Any:
     return out if isinstance(value, list) else out[0]
 
 
+def _json_object(text: str) -> dict:
+    """A dict-typed option on the command line: a JSON object such as '{"key_smear": true}'."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"key\": 1}}', got {text!r} ({e})")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"key\": 1}}', got {text!r}")
+    return value
+
+
 def parse_stage_args(dataclass_types: Sequence[type], argv: list[str] | None = None) -> tuple:
     """Dataclass instances from `--config FILE.yaml` plus `--key value` overrides (the command line wins).
 
@@ -71,6 +84,9 @@ def parse_stage_args(dataclass_types: Sequence[type], argv: list[str] | None = N
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(dataclass_types)
+    for action in parser._actions:
+        if action.type is dict:  # argparse would call dict("{...}") and fail
+            action.type = _json_object
     config_path, defaults = None, None
     if "--config" in argv:
         i = argv.index("--config")

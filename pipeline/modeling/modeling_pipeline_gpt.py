@@ -12,7 +12,7 @@ from torch import nn
 
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -150,7 +150,7 @@ def cached_previous_keys(cache: Cache | None, layer_idx: int, like: torch.Tensor
     if cached == 0:
         return previous
     layer = cache.layers[layer_idx]
-    if type(layer).__name__ != "DynamicLayer" or layer.keys.shape[-1] != 2 * width:
+    if type(layer) is not DynamicLayer or layer.keys.shape[-1] != 2 * width:
         raise ValueError(
             f"key_smear: generation needs transformers' DynamicCache (the default), got {type(cache).__name__} "
             f"with {type(layer).__name__}; drop cache_implementation or generate without key_smear"

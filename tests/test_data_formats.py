@@ -2,6 +2,7 @@
 
 import csv
 import json
+import random
 import subprocess
 import sys
 
@@ -294,3 +295,16 @@ def test_demo_eval_prompts_never_appear_in_training_sets():
     for row in demo_tasks.preference_rows(500, seed=1):
         assert row["chosen"] != row["rejected"]
     assert demo_tasks.sft_rows(50, seed=4) == demo_tasks.sft_rows(50, seed=4)
+
+
+def test_demo_counting_answers_are_all_also_rejected_answers():
+    """An answer seen only as `chosen` is a shortcut for a reward model: counting's "0" once was one (a count of 1
+    was never paired with "0"), and PPO then answered "0" to every counting question."""
+    rng = random.Random(0)
+    chosen, rejected = set(), set()
+    for task in [t for t in demo_tasks.training_tasks(4000, seed=0, stream=2) if t.kind == "count"]:
+        wrong = demo_tasks.wrong_answer(task, rng)
+        assert wrong != task.answer and int(wrong) >= 0
+        chosen.add(task.answer)
+        rejected.add(wrong)
+    assert "0" in chosen and chosen <= rejected, sorted(chosen - rejected)

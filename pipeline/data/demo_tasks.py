@@ -139,8 +139,11 @@ def wrong_answer(task: Task, rng: random.Random) -> str:
     """A plausible but wrong answer: off by one, the letters unchanged or in the other order, the other colour."""
     if task.kind in ("add", "count"):
         value = int(task.answer)
-        options = [value + 1, value - 1, value + 10] if task.kind == "add" else [value + 1, max(value - 1, 0) or value + 2]
-        return str(rng.choice([v for v in options if v != value and v >= 0]))
+        if task.kind == "add":
+            options = [value + 1, value - 1, value + 10]
+        else:  # "0" must be a rejected answer as often as a chosen one, or a reward model learns that "0" is right
+            options = [value + 1, value - 1] if value > 0 else [value + 1, value + 2]
+        return str(rng.choice(options))
     if task.kind in ("reverse", "sort"):
         letters = task.answer.split()
         candidates = {" ".join(letters[::-1]), " ".join(sorted(letters)), " ".join(sorted(letters, reverse=True)),

@@ -308,3 +308,18 @@ def test_demo_counting_answers_are_all_also_rejected_answers():
         chosen.add(task.answer)
         rejected.add(wrong)
     assert "0" in chosen and chosen <= rejected, sorted(chosen - rejected)
+
+
+def test_demo_compare_answers_the_larger_number_and_rejects_the_smaller_one_most_often():
+    rng = random.Random(0)
+    tasks = [t for t in demo_tasks.training_tasks(2000, seed=0, stream=2) if t.kind == "compare"]
+    wrong = [demo_tasks.wrong_answer(t, rng) for t in tasks]
+    smaller_picked = 0
+    for task, bad in zip(tasks, wrong):
+        numbers = [int(n) for n in task.prompt.replace("？", " ").replace("?", " ").replace(",", " ").split()
+                   if n.isdigit()]
+        assert len(numbers) == 2 and task.answer == str(max(numbers)) and bad != task.answer
+        smaller_picked += bad == str(min(numbers))
+        assert task.statement.count(task.answer) >= 2  # the statement names both numbers, then the larger one
+    assert {t.language for t in tasks} == {"en", "zh"}
+    assert 0.65 < smaller_picked / len(tasks) < 0.85, smaller_picked / len(tasks)

@@ -2,17 +2,20 @@
 
 Each task has a prompt and one correct answer, in English or Chinese templates, so every stage can be scored by
 exact match. Sizes follow what a ~2-5M-parameter model learns on two CPU cores in minutes: 2-digit + 1-digit
-addition, reversing and sorting 2-4 letters, counting a letter in a short string, and recalling one of two facts
-given in the prompt. Letters are space-separated so each is one token.
+addition, reversing and sorting 2-4 letters, counting a letter in a short string, and picking the larger of two
+2-digit numbers. Letters are space-separated so each is one token.
+
+Recalling one of two facts stated in the prompt ("What colour does Dan like, if Ann likes red and Dan likes blue?")
+was a task too, and stayed at chance: binding a name to the colour two tokens after it took more than 1600 steps
+of that task alone, so a fifth of every stage's data taught nothing and its reward pairs were coin flips.
 """
 
 import random
+import re
 from dataclasses import dataclass
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-COLOURS = {"red": "红", "blue": "蓝", "green": "绿", "yellow": "黄", "black": "黑", "white": "白"}
-NAMES = {"Ann": "安", "Bob": "鲍勃", "Cai": "蔡", "Dan": "丹", "Eve": "伊芙", "Fay": "菲"}
-TASKS = ("add", "reverse", "sort", "count", "lookup")
+TASKS = ("add", "reverse", "sort", "count", "compare")
 
 
 @dataclass(frozen=True)
@@ -54,22 +57,11 @@ def make_task(kind: str, rng: random.Random, language: str) -> Task:
         prompt = f"{shown} 里有几个 {target}？" if zh else f"How many {target} in {shown}?"
         answer = str(letters.count(target))
         statement = f"{shown} 里有 {answer} 个 {target}。" if zh else f"There are {answer} {target} in {shown}."
-    elif kind == "lookup":
-        people = rng.sample(sorted(NAMES), 2)
-        colours = rng.sample(sorted(COLOURS), 2)
-        asked = rng.randrange(2)
-        if zh:
-            facts = "，".join(f"{NAMES[p]}喜欢{COLOURS[c]}色" for p, c in zip(people, colours))
-            prompt = f"{facts}。{NAMES[people[asked]]}喜欢什么颜色？"
-            answer = COLOURS[colours[asked]] + "色"
-            statement = f"{facts}，所以{NAMES[people[asked]]}喜欢{answer}。"
-        else:
-            # The question comes first, so every name is written mid-sentence (" Dan", one token) and the model
-            # knows whom it is asked about before it reads the facts.
-            facts = " and ".join(f"{p} likes {c}" for p, c in zip(people, colours))
-            prompt = f"What colour does {people[asked]} like, if {facts}?"
-            answer = colours[asked]
-            statement = f"{facts}, so {people[asked]} likes {answer}."
+    elif kind == "compare":
+        a, b = rng.sample(range(10, 100), 2)
+        answer = str(max(a, b))
+        prompt = f"{a} 和 {b} 哪个大？" if zh else f"Which is larger, {a} or {b}?"
+        statement = f"{a} 和 {b} 里 {answer} 大。" if zh else f"Of {a} and {b}, {answer} is larger."
     else:
         raise ValueError(f"kind: unknown task {kind!r}; use one of {list(TASKS)}")
     return Task(kind, language, prompt, answer, statement)
@@ -136,7 +128,7 @@ def training_tasks(n: int, seed: int, *, held_out: int = 300, stream: int = 0) -
 
 
 def wrong_answer(task: Task, rng: random.Random) -> str:
-    """A plausible but wrong answer: off by one, the letters unchanged or in the other order, the other colour."""
+    """A plausible but wrong answer: off by one, the letters unchanged or in the other order, the smaller number."""
     if task.kind in ("add", "count"):
         value = int(task.answer)
         if task.kind == "add":
@@ -149,12 +141,9 @@ def wrong_answer(task: Task, rng: random.Random) -> str:
         candidates = {" ".join(letters[::-1]), " ".join(sorted(letters)), " ".join(sorted(letters, reverse=True)),
                       " ".join(letters[1:] + letters[:1])} - {task.answer}
         return rng.choice(sorted(candidates))
-    if task.kind == "lookup":  # half the time the other colour named in the prompt (the tempting mistake)
-        suffix = "色" if task.language == "zh" else ""
-        colours = [c + suffix for c in sorted(COLOURS.values() if suffix else COLOURS)]
-        others = [c for c in colours if c != task.answer]
-        named = [c for c in others if c.removesuffix(suffix) in task.prompt]
-        return rng.choice(named if named and rng.random() < 0.5 else others)
+    if task.kind == "compare":  # mostly the smaller number (the tempting mistake), else the larger one off by one
+        smaller = min(int(n) for n in re.findall(r"\d+", task.prompt))
+        return str(smaller if rng.random() < 0.75 else int(task.answer) + rng.choice((1, -1)))
     raise ValueError(f"kind: unknown task {task.kind!r}")
 
 

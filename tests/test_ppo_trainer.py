@@ -1,5 +1,6 @@
 """PPOTrainer on tiny random PipelineGPT models with a rule reward: exact gradient accumulation, determinism,
-exact resume, LoRA with the adapter-off reference, failure on a non-finite loss, and learning a trivial reward."""
+exact resume, LoRA with the adapter-off reference, failure on a non-finite loss, learning a trivial reward, and the
+PPO-ptx language-model loss."""
 
 import copy
 import json
@@ -48,7 +49,25 @@ def contains_target(prompts_ids, responses_ids) -> torch.Tensor:
     return torch.tensor([float(TARGET in r) for r in responses_ids])
 
 
-def make_trainer(tokenizer, tmp_path, *, reward_fn=contains_target, lora=False, scramble=False, **overrides):
+def ptx_data(n: int = 6) -> list[dict]:
+    """Rows that repeat one token run; the first two tokens carry no loss, like a prompt."""
+    rows = []
+    for i in range(n):
+        ids = [1, 3 + i] + [TARGET + 1 + i % 3] * (3 + i % 2) + [2]
+        rows.append({"input_ids": ids, "labels": [-100, -100] + ids[2:]})
+    return rows
+
+
+def ptx_nll(model, rows) -> float:
+    from pipeline.alignment.ppo_trainer import right_pad_lm_rows
+
+    ids, mask, labels = right_pad_lm_rows(rows, 0)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+
+
+def make_trainer(tokenizer, tmp_path, *, reward_fn=contains_target, lora=False, scramble=False, ptx=None,
+                 **overrides):
     policy, ref, value = tiny_models()
     if scramble:  # trainable weights unlike the run being resumed; the reference stays the caller's
         with torch.no_grad():
@@ -62,7 +81,7 @@ def make_trainer(tokenizer, tmp_path, *, reward_fn=contains_target, lora=False, 
                     response_length=6, temperature=1.0, learning_rate=1e-3, value_learning_rate=1e-3, seed=7)
     settings.update(overrides)
     return PPOTrainer(PPOConfig(**settings), policy=policy, tokenizer=tokenizer, value_model=value,
-                      reward_fn=reward_fn, prompts=prompts(), ref_model=ref)
+                      reward_fn=reward_fn, prompts=prompts(), ref_model=ref, ptx_data=ptx)
 
 
 def parameters(trainer) -> dict[str, torch.Tensor]:
@@ -77,12 +96,14 @@ def assert_same_parameters(a: dict, b: dict, atol=1e-6):
         torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
 
 
-def test_gradient_accumulation_equals_one_big_mini_batch(tokenizer, tmp_path):
+@pytest.mark.parametrize("ptx_coef", [0.0, 0.5])
+def test_gradient_accumulation_equals_one_big_mini_batch(tokenizer, tmp_path, ptx_coef):
     before = parameters(make_trainer(tokenizer, tmp_path / "x"))
+    ptx = ptx_data() if ptx_coef else None  # ptx rows of unequal length: the loss is a token mean over the group
     accumulated = make_trainer(tokenizer, tmp_path / "a", mini_batch_size=2, gradient_accumulation_steps=2,
-                               max_steps=1, ppo_epochs=1)
+                               max_steps=1, ppo_epochs=1, ptx_coef=ptx_coef, ptx=ptx)
     single = make_trainer(tokenizer, tmp_path / "b", mini_batch_size=4, gradient_accumulation_steps=1,
-                          max_steps=1, ppo_epochs=1)
+                          max_steps=1, ppo_epochs=1, ptx_coef=ptx_coef, ptx=ptx)
     accumulated.train(), single.train()
     after_accumulated, after_single = parameters(accumulated), parameters(single)
     assert_same_parameters(after_accumulated, after_single)
@@ -93,6 +114,8 @@ def test_gradient_accumulation_equals_one_big_mini_batch(tokenizer, tmp_path):
             torch.testing.assert_close(state_a["exp_avg"], state_b["exp_avg"], atol=1e-7, rtol=1e-4)
     moved = max((after_single[k] - before[k]).abs().max().item() for k in before)
     assert moved > 1e-4  # the step really changed the weights
+    if ptx_coef:
+        assert accumulated.history[0]["ptx_loss"] == pytest.approx(single.history[0]["ptx_loss"], rel=1e-5)
 
 
 def test_same_seed_same_history_and_step_log(tokenizer, tmp_path):
@@ -164,6 +187,25 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tokenizer,
     assert not (tmp_path / "nan" / "checkpoint-2").exists()
 
 
+def test_ptx_loss_keeps_the_policy_on_its_supervised_data_and_resumes_exactly(tokenizer, tmp_path):
+    rows = ptx_data()
+    settings = dict(max_steps=4, learning_rate=1e-2, value_learning_rate=1e-2, init_kl_coef=0.0)
+    plain = make_trainer(tokenizer, tmp_path / "plain", **settings)
+    start = ptx_nll(plain.policy, rows)
+    plain.train()
+    with_ptx = make_trainer(tokenizer, tmp_path / "ptx", ptx_coef=1.0, ptx=rows, save_steps=2, **settings)
+    history = with_ptx.train()
+    assert "ptx_loss" not in plain.history[0]
+    assert 0.8 * start < history[0]["ptx_loss"] < start  # step 1's mean over its updates, which already lower it
+    assert ptx_nll(with_ptx.policy, rows) < 0.5 * start  # PPO alone does not teach these rows ...
+    assert ptx_nll(plain.policy, rows) > 0.8 * start  # ... the ptx term does
+    # The ptx rows of a step follow from the seed and the step, so a resumed run matches the uninterrupted one.
+    resumed = make_trainer(tokenizer, tmp_path / "ptx", scramble=True, ptx_coef=1.0, ptx=rows, **settings)
+    resumed.train(resume_from_checkpoint=tmp_path / "ptx" / "checkpoint-2")
+    assert_same_parameters(parameters(resumed), parameters(with_ptx))
+    assert [h["ptx_loss"] for h in resumed.history] == pytest.approx([h["ptx_loss"] for h in history])
+
+
 def test_config_and_input_errors(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="batch_size=6 must be a multiple"):
         PPOConfig(batch_size=6, mini_batch_size=2, gradient_accumulation_steps=2)
@@ -172,6 +214,13 @@ def test_config_and_input_errors(tokenizer, tmp_path):
         PPOTrainer(PPOConfig(), policy, tokenizer, value, contains_target, prompts())
     with pytest.raises(ValueError, match=r"prompts\[0\]"):
         PPOTrainer(PPOConfig(), policy, tokenizer, value, contains_target, ["a text prompt"], ref_model=policy)
+    with pytest.raises(ValueError, match="ptx_coef must be >= 0"):
+        PPOConfig(ptx_coef=-1.0)
+    with pytest.raises(ValueError, match="ptx_coef > 0 needs ptx_data"):
+        PPOTrainer(PPOConfig(ptx_coef=1.0), policy, tokenizer, value, contains_target, prompts(), ref_model=policy)
+    with pytest.raises(ValueError, match=r"ptx_data\[1\] needs input_ids"):
+        PPOTrainer(PPOConfig(ptx_coef=1.0), policy, tokenizer, value, contains_target, prompts(), ref_model=policy,
+                   ptx_data=[{"input_ids": [1, 5, 2]}, {"input_ids": [1, 5, 2], "labels": [-100, -100, -100]}])
 
 
 def test_policy_learns_a_trivial_reward(tokenizer, tmp_path):
@@ -206,3 +255,40 @@ def test_stage_reward_weights_scale_the_model_score_and_add_the_verifier(tokeniz
     torch.testing.assert_close(scores(0.25, 0.0), 0.25 * plain)
     torch.testing.assert_close(scores(0.25, 2.0), 0.25 * plain + torch.tensor([2.0, 0.0]))
     torch.testing.assert_close(scores(0.0, 2.0), torch.tensor([2.0, 0.0]))
+
+
+def test_stage_ptx_rows_train_on_answers_and_count_what_they_skip(tokenizer, capsys):
+    """Text rows train on every token; prompt/completion and messages rows on the answer and its end token only."""
+    from pipeline.stages.ppo import ptx_rows
+
+    user, answer = [{"role": "user", "content": "one two"}], [{"role": "assistant", "content": "three"}]
+    rows = [{"text": "the cat"}, {"prompt": "one two", "completion": " three"}, {"messages": user + answer},
+            {"prompt": user, "completion": answer}]
+    text, plain, messages, conversational = ptx_rows(rows, tokenizer, max_length=64)
+    eos = tokenizer.eos_token_id
+    assert text["input_ids"] == tokenizer("the cat", add_special_tokens=False).input_ids + [eos]
+    assert text["labels"] == text["input_ids"]
+    trained = tokenizer(" three", add_special_tokens=False).input_ids + [eos]
+    prompt_length = len(tokenizer("one two", add_special_tokens=False).input_ids)
+    assert plain["labels"] == [-100] * prompt_length + trained
+    assert messages == conversational  # the two chat shapes render and mask alike
+    labelled = [t for t in messages["labels"] if t != -100]
+    assert tokenizer.decode(labelled).strip() == "three<|eos|>" and labelled == messages["input_ids"][-len(labelled):]
+
+    cut = ptx_rows(rows, tokenizer, max_length=3)  # the chat rows end before their answer starts
+    assert [r["input_ids"] for r in cut] == [text["input_ids"], plain["input_ids"][:3]]
+    assert "2 of 4 rows have no trained token within ptx_max_length=3" in capsys.readouterr().out
+
+
+def test_stage_ptx_settings_fail_clearly(tokenizer):
+    from pipeline.stages.ppo import PPOArguments, load_ptx
+
+    with pytest.raises(ValueError, match="ptx_coef=0.5 needs ptx_dataset"):
+        load_ptx(PPOArguments(), PPOConfig(ptx_coef=0.5), tokenizer)
+    preference = {"sources": [{"path": "demo:preference?n=5"}]}
+    with pytest.raises(ValueError, match="ptx_dataset: PPO-ptx needs text, messages or prompt/completion"):
+        load_ptx(PPOArguments(ptx_dataset=preference), PPOConfig(ptx_coef=0.5), tokenizer)
+    assert load_ptx(PPOArguments(ptx_dataset=preference), PPOConfig(ptx_coef=0.0), tokenizer) == (None, [])
+    rows, records = load_ptx(PPOArguments(ptx_dataset={"sources": [{"path": "demo:sft?n=5"}]}),
+                             PPOConfig(ptx_coef=0.5), tokenizer)
+    assert len(rows) == 5 and records[0]["name"] == "demo:sft?n=5" and records[0]["license"] == "apache-2.0"

@@ -33,6 +33,11 @@ rng_state_<rank>.pth), written to a temporary folder and renamed, so a crash nev
 resumed run reproduces the uninterrupted one exactly (pass the same reference model and prompts). A non-finite loss
 raises RuntimeError naming the step before any update, leaving the last checkpoint as it was.
 
+PPO-ptx (InstructGPT, Ouyang et al. 2022, eq. 2): with `ptx_coef > 0` and `ptx_data` (rows {"input_ids",
+"labels"}, -100 = no loss), every optimiser step also lowers `ptx_coef` x the language-model loss on as many ptx
+rows as rollout rows, so RL does not unlearn what supervised training taught (the "alignment tax"). Rows come in a
+seeded order derived from the step, so resuming stays exact; `history` then holds `ptx_loss` too.
+
 Distributed: under `accelerate launch`, `batch_size` is per process, ranks take disjoint prompts, policy and value
 model are one DDP module (`PolicyAndValue`), and advantages are whitened per process.
 """
@@ -114,6 +119,7 @@ class PPOConfig:
     seed: int = 42  # sampling, prompt order and mini-batch shuffling
     save_steps: int = 0  # checkpoint every N steps; 0 = never
     logging_steps: int = 1  # log every N steps (history records every step)
+    ptx_coef: float = 0.0  # PPO-ptx: weight of the language-model loss on `ptx_data` in every policy update
     num_logged_samples: int = 8  # rows kept in `trainer.samples`
 
     def __post_init__(self):
@@ -136,6 +142,8 @@ class PPOConfig:
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
             raise ValueError(f"PPOConfig.missing_eos_penalty={self.missing_eos_penalty} is subtracted from the score: "
                              "pass a positive number or None")
+        if self.ptx_coef < 0:
+            raise ValueError(f"PPOConfig.ptx_coef must be >= 0 (0 = no ptx loss), got {self.ptx_coef}")
         if self.rollout_batch_size is not None and self.rollout_batch_size < 1:
             raise ValueError(f"PPOConfig.rollout_batch_size must be >= 1 or None, got {self.rollout_batch_size}")
 
@@ -176,6 +184,30 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
     return ids, mask
 
 
+def seeded_slice(n: int, start: int, size: int, seed: int, orders: dict[int, torch.Tensor]) -> list[int]:
+    """Indices `start .. start+size` of an endless stream over range(n): one seeded permutation per pass."""
+    indices = []
+    for position in range(start, start + size):
+        epoch = position // n
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        indices.append(int(orders[epoch][position % n]))
+    return indices
+
+
+def right_pad_lm_rows(rows: Sequence[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows {"input_ids", "labels"} -> (ids, attention_mask, labels) padded on the right; padding labels -100."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        ids[i, :n], mask[i, :n] = torch.tensor(row["input_ids"]), 1
+        labels[i, :n] = torch.tensor(row["labels"])
+    return ids, mask, labels
+
+
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that skip left padding, as `generate` computes them."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -189,14 +221,21 @@ class PolicyAndValue(nn.Module):
         self.policy = policy
         self.value_model = value_model
 
-    def forward(self, input_ids, attention_mask, response_length: int, temperature: float):
-        """Logits that predicted each response token (B, R, V), scaled by 1/temperature, and their values (B, R)."""
+    def forward(self, input_ids, attention_mask, response_length: int, temperature: float, ptx: tuple | None = None):
+        """Logits that predicted each response token (B, R, V), scaled by 1/temperature, their values (B, R), and
+        the summed next-token loss of the policy on `ptx` = (ids, attention_mask, labels) (None without it)."""
         position_ids = positions_from_mask(attention_mask)
         logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=False, logits_to_keep=response_length + 1).logits
         logits = logits[:, :-1].float() / temperature
         values = token_values(self.value_model, input_ids, attention_mask, position_ids)
-        return logits, values[:, -response_length - 1:-1]
+        ptx_loss = None
+        if ptx is not None:  # in this forward, so one DDP pass syncs the gradients of both losses
+            ids, mask, labels = ptx
+            ptx_logits = self.policy(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            ptx_loss = nn.functional.cross_entropy(ptx_logits.reshape(-1, ptx_logits.shape[-1]),
+                                                   labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+        return logits, values[:, -response_length - 1:-1], ptx_loss
 
 
 class PPOTrainer:
@@ -204,7 +243,7 @@ class PPOTrainer:
 
     def __init__(self, config: PPOConfig, policy: nn.Module, tokenizer, value_model: nn.Module, reward_fn: RewardFn,
                  prompts: Sequence[Sequence[int]], ref_model: nn.Module | None = None,
-                 accelerator: Accelerator | None = None):
+                 accelerator: Accelerator | None = None, ptx_data: Sequence[dict] | None = None):
         self.config = config
         self.tokenizer = tokenizer
         self.reward_fn = reward_fn
@@ -213,6 +252,10 @@ class PPOTrainer:
         if self.eos_id is None or self.pad_id is None:
             raise ValueError("PPOTrainer: the tokenizer needs eos_token_id and pad_token_id "
                              f"(got eos={self.eos_id}, pad={self.pad_id}); set tokenizer.pad_token")
+        self.ptx_data = self._check_ptx(ptx_data) if config.ptx_coef > 0 else None
+        if ptx_data and config.ptx_coef == 0:
+            logger.warning("PPOTrainer: ptx_data given but ptx_coef is 0, so it is not used")
+        self.stat_keys = STAT_KEYS + (("ptx_loss",) if self.ptx_data else ())
         if ref_model is None and not hasattr(policy, "disable_adapter"):
             raise ValueError("PPOTrainer: pass ref_model (a frozen copy of the starting policy), or a PEFT policy "
                              "whose reference is itself with the adapter disabled")
@@ -251,6 +294,7 @@ class PPOTrainer:
         self.history: list[dict] = []
         self.samples: list[dict] = []
         self._prompt_orders: dict[int, torch.Tensor] = {}
+        self._ptx_orders: dict[int, torch.Tensor] = {}
 
     @staticmethod
     def _check_prompts(prompts) -> list[list[int]]:
@@ -265,20 +309,38 @@ class PPOTrainer:
             checked.append(ids)
         return checked
 
+    @staticmethod
+    def _check_ptx(rows) -> list[dict]:
+        if not rows:
+            raise ValueError("PPOTrainer: ptx_coef > 0 needs ptx_data, a list of {'input_ids', 'labels'} rows")
+        checked = []
+        for i, row in enumerate(rows):
+            ids = list(row.get("input_ids", [])) if isinstance(row, dict) else []
+            labels = list(row.get("labels", ids)) if isinstance(row, dict) else []
+            if len(ids) < 2 or len(labels) != len(ids) or all(t == -100 for t in labels[1:]):
+                raise ValueError(f"PPOTrainer: ptx_data[{i}] needs input_ids (2+ tokens) and labels of the same "
+                                 f"length with at least one trained token after the first (-100 = no loss), got "
+                                 f"{str(row)[:80]}")
+            checked.append({"input_ids": ids, "labels": labels})
+        return checked
+
     # ---------------------------------------------------------------- rollout
 
     def _prompt_batch(self, step: int) -> list[list[int]]:
         """The prompts of one step: a fresh seeded permutation per pass over the dataset, ranks take disjoint slices."""
-        size, n = self.config.batch_size, len(self.prompts)
+        size = self.config.batch_size
         start = (step * self.accelerator.num_processes + self.accelerator.process_index) * size
-        batch = []
-        for position in range(start, start + size):
-            epoch = position // n
-            if epoch not in self._prompt_orders:
-                generator = torch.Generator().manual_seed(self.config.seed + epoch)
-                self._prompt_orders[epoch] = torch.randperm(n, generator=generator)
-            batch.append(self.prompts[int(self._prompt_orders[epoch][position % n])])
-        return batch
+        return [self.prompts[i] for i in seeded_slice(len(self.prompts), start, size, self.config.seed,
+                                                      self._prompt_orders)]
+
+    def _ptx_batch(self, step: int, group_index: int, size: int) -> tuple[torch.Tensor, ...]:
+        """The ptx rows of one optimiser step (as many as its rollout rows), padded; ranks take disjoint slices."""
+        per_step = self.config.ppo_epochs * self.config.batch_size
+        start = (step * self.accelerator.num_processes + self.accelerator.process_index) * per_step + group_index * size
+        picked = seeded_slice(len(self.ptx_data), start, size, self.config.seed + 1_000_003, self._ptx_orders)
+        ids, mask, labels = right_pad_lm_rows([self.ptx_data[i] for i in picked], self.pad_id)
+        device = self.accelerator.device
+        return ids.to(device), mask.to(device), labels.to(device)
 
     def _reference_logprobs(self, input_ids, attention_mask, response_ids) -> torch.Tensor:
         length = response_ids.shape[1]
@@ -348,7 +410,7 @@ class PPOTrainer:
         response, response_mask, has_eos = truncate_after_eos(response, self.eos_id, self.pad_id)
         input_ids = torch.cat([query, response], dim=1)
         attention_mask = torch.cat([query_mask, response_mask], dim=1)
-        logits, values = self.actor_critic(input_ids, attention_mask, length, self.config.temperature)
+        logits, values, _ = self.actor_critic(input_ids, attention_mask, length, self.config.temperature)
         padding = response_mask == 0
         return {
             "query": query, "query_mask": query_mask, "response": response, "response_mask": response_mask,
@@ -366,19 +428,24 @@ class PPOTrainer:
         micro, accumulation = cfg.mini_batch_size, cfg.gradient_accumulation_steps
         group = micro * accumulation
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        totals = {key: 0.0 for key in ("policy_loss", "value_loss", "policy_clipfrac", "value_clipfrac", "approx_kl")}
+        totals = {key: 0.0 for key in ("policy_loss", "value_loss", "policy_clipfrac", "value_clipfrac", "approx_kl",
+                                       "ptx_loss")}
         n_groups = n_micro = 0
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(cfg.batch_size, generator=generator).to(self.accelerator.device)
             for start in range(0, cfg.batch_size, group):
                 rows = order[start:start + group]
                 num_tokens = batch["response_mask"][rows].sum().clamp(min=1)
+                ptx = self._ptx_batch(step, n_groups, group) if self.ptx_data else None
                 for k in range(accumulation):
                     sync = k == accumulation - 1
+                    part = slice(k * micro, (k + 1) * micro)
+                    ptx_part = None if ptx is None else (
+                        ptx[0][part], ptx[1][part], ptx[2][part], (ptx[2][:, 1:] != -100).sum().clamp(min=1))
                     with nullcontext() if sync else self.accelerator.no_sync(self.actor_critic):
-                        stats = self._micro_step(batch, rows[k * micro:(k + 1) * micro], num_tokens, step)
-                    totals["policy_loss"] += stats["policy_loss"]
-                    totals["value_loss"] += stats["value_loss"]
+                        stats = self._micro_step(batch, rows[part], num_tokens, step, ptx_part)
+                    for key in ("policy_loss", "value_loss", "ptx_loss"):
+                        totals[key] += stats[key]
                     for key in ("policy_clipfrac", "value_clipfrac", "approx_kl"):
                         totals[key] += stats[key] / accumulation
                     n_micro += 1
@@ -390,14 +457,21 @@ class PPOTrainer:
                 self.policy_optimizer.zero_grad(set_to_none=True), self.value_optimizer.zero_grad(set_to_none=True)
                 n_groups += 1
         # Losses were summed as shares of their group's mean; the rest as per-group means.
-        return {key: value / n_groups for key, value in totals.items()}
+        stats = {key: value / n_groups for key, value in totals.items()}
+        if not self.ptx_data:
+            stats.pop("ptx_loss")
+        return stats
 
-    def _micro_step(self, batch: dict, rows: torch.Tensor, num_tokens: torch.Tensor, step: int) -> dict:
+    def _micro_step(self, batch: dict, rows: torch.Tensor, num_tokens: torch.Tensor, step: int,
+                    ptx: tuple | None = None) -> dict:
+        """Forward and backward of one micro-batch. Its losses are its share of the group's token mean, so
+        accumulated micro-batches give the gradient of one large batch. `ptx`: (ids, mask, labels, group tokens)."""
         cfg = self.config
         query, response, mask = batch["query"][rows], batch["response"][rows], batch["response_mask"][rows]
         input_ids = torch.cat([query, response], dim=1)
         attention_mask = torch.cat([batch["query_mask"][rows], mask], dim=1)
-        logits, values = self.actor_critic(input_ids, attention_mask, cfg.response_length, cfg.temperature)
+        logits, values, ptx_sum = self.actor_critic(input_ids, attention_mask, cfg.response_length, cfg.temperature,
+                                                    None if ptx is None else ptx[:3])
         padding = mask == 0
         new_logprobs = logprobs_of(logits, response).masked_fill(padding, 0.0)
         values = values.masked_fill(padding, 0.0)
@@ -405,14 +479,16 @@ class PPOTrainer:
             new_logprobs, batch["logprobs"][rows], batch["advantages"][rows], mask, cfg.cliprange, num_tokens)
         value_loss, value_clipfrac = clipped_value_loss(
             values, batch["values"][rows], batch["returns"][rows], mask, cfg.cliprange_value, num_tokens)
-        if not (torch.isfinite(policy_loss) and torch.isfinite(value_loss)):
+        ptx_loss = torch.zeros((), device=policy_loss.device) if ptx_sum is None else ptx_sum / ptx[3]
+        if not (torch.isfinite(policy_loss) and torch.isfinite(value_loss) and torch.isfinite(ptx_loss)):
             raise RuntimeError(
                 f"PPO step {step + 1}: non-finite loss (policy_loss={policy_loss.item()}, value_loss="
-                f"{value_loss.item()}); training stopped before the update, so the last checkpoint in "
-                f"{self.config.output_dir} is intact. Lower learning_rate/value_learning_rate or check reward_fn."
+                f"{value_loss.item()}, ptx_loss={ptx_loss.item()}); training stopped before the update, so the last "
+                f"checkpoint in {self.config.output_dir} is intact. Lower learning_rate/value_learning_rate or check "
+                "reward_fn."
             )
-        self.accelerator.backward(policy_loss + cfg.vf_coef * value_loss)
-        return {"policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
+        self.accelerator.backward(policy_loss + cfg.vf_coef * value_loss + cfg.ptx_coef * ptx_loss)
+        return {"policy_loss": policy_loss.item(), "value_loss": value_loss.item(), "ptx_loss": ptx_loss.item(),
                 "policy_clipfrac": policy_clipfrac.item(), "value_clipfrac": value_clipfrac.item(),
                 "approx_kl": approx_kl.item()}
 
@@ -443,7 +519,7 @@ class PPOTrainer:
             progress.update(1)
             if self.step % cfg.logging_steps == 0:
                 progress.set_postfix(score=f"{stats['mean_score']:.3f}", kl=f"{stats['kl']:.3f}")
-                logger.info("step %d: %s", self.step, ", ".join(f"{k}={stats[k]:.4g}" for k in STAT_KEYS))
+                logger.info("step %d: %s", self.step, ", ".join(f"{k}={stats[k]:.4g}" for k in self.stat_keys))
             if cfg.save_steps and self.step % cfg.save_steps == 0:
                 self.save_checkpoint()
         progress.close()
@@ -452,10 +528,10 @@ class PPOTrainer:
     def _reduce(self, stats: dict) -> dict:
         """Mean of each statistic over processes (identity on one process)."""
         if self.accelerator.num_processes == 1:
-            return {key: stats[key] for key in STAT_KEYS}
-        values = torch.tensor([stats[key] for key in STAT_KEYS], device=self.accelerator.device)
+            return {key: stats[key] for key in self.stat_keys}
+        values = torch.tensor([stats[key] for key in self.stat_keys], device=self.accelerator.device)
         values = self.accelerator.reduce(values, reduction="mean")
-        return dict(zip(STAT_KEYS, values.tolist()))
+        return dict(zip(self.stat_keys, values.tolist()))
 
     # ---------------------------------------------------------------- saving
 
@@ -558,4 +634,4 @@ def load_weights(model: nn.Module, folder: Path) -> None:
 
 
 __all__ = ["PPOConfig", "PPOTrainer", "PolicyAndValue", "left_pad", "load_weights", "positions_from_mask",
-           "token_values", "value_backbone_and_head"]
+           "right_pad_lm_rows", "seeded_slice", "token_values", "value_backbone_and_head"]

@@ -2,7 +2,8 @@
 
 The value model starts from the reward model (`value_model_path`, default `reward_model_path`). With `method: lora`
 a fresh adapter trains on the merged SFT weights and the reference is the policy with the adapter disabled. The
-reward model may use another tokenizer: responses are decoded and re-encoded for it.
+reward model may use another tokenizer: responses are decoded and re-encoded for it. With `ptx_coef > 0`,
+`ptx_dataset` (text, messages or prompt/completion rows) supplies the language-model loss of PPO-ptx.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from pipeline.alignment.ppo_trainer import PPOConfig, PPOTrainer
+from pipeline.data.mixing import load_mixture
 from pipeline.data.packing import tokenizer_hash
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.hub.manifest import build_manifest, check_parent
@@ -36,6 +38,10 @@ class PPOArguments(MethodArguments, DataArguments):
                 "tasks and a verifier can carry them: a policy learns to exploit a reward model's blind spots)"})
     verifier_weight: float = field(default=0.0, metadata={
         "help": "add this times the demo verifier (1 if the answer is right) to the reward-model score"})
+    ptx_dataset: dict = field(default_factory=dict, metadata={
+        "help": "PPO-ptx data, a mixture spec like `dataset` (text rows: loss on every token; messages: on the "
+                "assistant turns; prompt/completion: on the completion); used when ptx_coef > 0"})
+    ptx_max_length: int = field(default=256, metadata={"help": "ptx rows are cut to this many tokens"})
     eval_demo_tasks: int = field(default=0, metadata={"help": "exact match on held-out demo tasks after training"})
     overwrite: bool = field(default=False, metadata={"help": "replace a finished output_dir"})
 
@@ -70,6 +76,58 @@ def reward_function(reward_model, reward_tokenizer, policy_tokenizer, references
     return score
 
 
+def ptx_rows(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
+    """Mixture rows -> {"input_ids", "labels"} for the PPO-ptx loss (-100 marks tokens without loss)."""
+    out = []
+    for row in rows:
+        if "messages" in row:
+            encoded = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
+                                                    return_assistant_tokens_mask=True)
+            ids = encoded["input_ids"]
+            labels = [t if m else -100 for t, m in zip(ids, encoded["assistant_masks"])]
+        elif "completion" in row:
+            if isinstance(row["prompt"], str):
+                prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+                ids = prompt + tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [
+                    tokenizer.eos_token_id]
+            else:
+                prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True,
+                                                       return_dict=True)["input_ids"]
+                ids = tokenizer.apply_chat_template(row["prompt"] + row["completion"], return_dict=True)["input_ids"]
+            labels = [-100] * len(prompt) + ids[len(prompt):]
+        else:
+            ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            labels = list(ids)
+        ids, labels = ids[:max_length], labels[:max_length]
+        if any(t != -100 for t in labels[1:]):  # a row cut before its answer carries no loss
+            out.append({"input_ids": ids, "labels": labels})
+    if len(out) < len(rows):
+        print(f"ptx_dataset: {len(rows) - len(out)} of {len(rows)} rows have no trained token within "
+              f"ptx_max_length={max_length} and are skipped")
+    return out
+
+
+def load_ptx(args: PPOArguments, config: PPOConfig, tokenizer) -> tuple[list[dict] | None, list[dict]]:
+    """The PPO-ptx rows (None when ptx_coef is 0) and their manifest records; a missing or unusable `ptx_dataset`
+    is an error."""
+    if config.ptx_coef == 0:
+        if args.ptx_dataset:
+            print("ptx_dataset is set but ptx_coef is 0: PPO runs without the ptx loss")
+        return None, []
+    if not args.ptx_dataset:
+        raise ValueError(f"ptx_coef={config.ptx_coef} needs ptx_dataset (a mixture spec with sources, like "
+                         "`dataset`); set it in the YAML or set ptx_coef: 0")
+    mixture = load_mixture(args.ptx_dataset, where="ptx_dataset")
+    print(mixture.summary())
+    if mixture.canonical_format not in ("text", "messages", "prompt_completion"):
+        raise ValueError(f"ptx_dataset: PPO-ptx needs text, messages or prompt/completion rows, not "
+                         f"{mixture.canonical_format}")
+    rows = ptx_rows(mixture.train, tokenizer, args.ptx_max_length)
+    if not rows:
+        raise ValueError(f"ptx_dataset: no row has a trained token within ptx_max_length={args.ptx_max_length}")
+    return rows, dataset_records(mixture, DataArguments(dataset=args.ptx_dataset))
+
+
 def run_ppo(args: PPOArguments, config: PPOConfig) -> Path:
     check_distributed_setup(None)
     started, destination = time.monotonic(), Path(config.output_dir)
@@ -89,6 +147,8 @@ def run_ppo(args: PPOArguments, config: PPOConfig) -> Path:
             references = {tuple(p): (r["completion"][0]["content"] if isinstance(r["completion"], list)
                                      else r["completion"]) for p, r in zip(prompts, mixture.train)}
 
+        ptx, ptx_records = load_ptx(args, config, tokenizer)
+
         base = full_weights_dir(args.model_name_or_path, out.work / "initial-weights")
         policy = load_for_method(base, args, tokenizer, seed=config.seed)
         ref_model = None if args.is_adapter else AutoModelForCausalLM.from_pretrained(base)
@@ -100,7 +160,7 @@ def run_ppo(args: PPOArguments, config: PPOConfig) -> Path:
         trainer = PPOTrainer(config, policy=policy, tokenizer=tokenizer, value_model=value_model,
                              reward_fn=reward_function(reward_model, reward_tokenizer, tokenizer, references,
                                                        args.verifier_weight, args.reward_model_weight),
-                             prompts=prompts, ref_model=ref_model)
+                             prompts=prompts, ref_model=ref_model, ptx_data=ptx)
         history = trainer.train(resume_from_checkpoint=latest_checkpoint(out.checkpoints_dir))  # resume if killed
         scores = [h["mean_score"] for h in history]
         quarter = max(1, len(scores) // 4)
@@ -118,7 +178,7 @@ def run_ppo(args: PPOArguments, config: PPOConfig) -> Path:
             out.finish(build_manifest(
                 "ppo", artifact="model", config={"stage": asdict(args), "ppo": asdict(config)},
                 parent_dir=args.model_name_or_path, base_model=args.model_name_or_path, tokenizer=tokenizer,
-                datasets=dataset_records(mixture, args), metrics=metrics))
+                datasets=dataset_records(mixture, args) + ptx_records, metrics=metrics))
         trainer.accelerator.wait_for_everyone()
     print(f"PPO done: mean reward {metrics['mean_reward_first']:.3f} -> {metrics['mean_reward']:.3f}, "
           f"exact match {metrics.get('exact_match')}")

@@ -1,9 +1,10 @@
 """PPO throughput and reward gain per wall-clock second on the demo task.
 
 Runs our PPOTrainer from the demo SFT policy against the demo reward model (run `make demo`, or at least the
-tokenizer, pretrain, sft and reward stages, first) and reports rollout+update tokens/s (prompt + response tokens
-processed per second of PPO step) and the mean-reward gain per minute, from the mean score of the first quarter of
-the steps to that of the last quarter (one step's mean over 64 prompts moves by ±0.15 on its own).
+tokenizer, pretrain, sft and reward stages, first), with the config's settings, PPO-ptx rows and thread count, and
+reports rollout+update tokens/s (prompt + response tokens processed per second of PPO step) and the mean-reward
+gain per minute, from the mean score of the first quarter of the steps to that of the last quarter (one step's mean
+over 64 prompts moves by ±0.15 on its own).
 
     python benchmarks/ppo_speed.py                                   # uses outputs/demo/{sft,reward}
     python benchmarks/ppo_speed.py --steps 40 --batch_size 32
@@ -24,7 +25,7 @@ from pipeline.alignment.ppo_trainer import PPOConfig, PPOTrainer
 from pipeline.data.demo_tasks import rl_prompt_rows
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.stages.common import parse_stage_args
-from pipeline.stages.ppo import PPOArguments, reward_function
+from pipeline.stages.ppo import PPOArguments, load_ptx, reward_function
 from pipeline.stages.reward import full_weights_dir
 
 
@@ -51,13 +52,16 @@ def main(argv=None):
         rows = rl_prompt_rows(args.batch_size * args.steps, seed=0)
         prompts = [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"]
                    for r in rows]
-        _, config = parse_stage_args((PPOArguments, PPOConfig), [
+        stage, config = parse_stage_args((PPOArguments, PPOConfig), [
             "--config", args.config, "--output_dir", str(Path(scratch) / "ppo"), "--max_steps", str(args.steps),
             "--batch_size", str(args.batch_size), "--mini_batch_size", str(args.mini_batch_size),
             "--response_length", str(args.response_length), "--save_steps", "0"])
+        ptx, _ = load_ptx(stage, config, tokenizer)  # the config's PPO-ptx rows and threads, as the demo trains
+        if stage.cpu_threads:
+            torch.set_num_threads(stage.cpu_threads)
         trainer = PPOTrainer(config, policy=policy, tokenizer=tokenizer, value_model=value,
                              reward_fn=reward_function(reward, tokenizer, tokenizer, None, 0.0), prompts=prompts,
-                             ref_model=reference)
+                             ref_model=reference, ptx_data=ptx)
         start = time.perf_counter()
         history = trainer.train()
         seconds = time.perf_counter() - start
@@ -66,7 +70,8 @@ def main(argv=None):
     window = max(1, len(history) // 4)
     first = sum(h["mean_score"] for h in history[:window]) / window
     last = sum(h["mean_score"] for h in history[-window:]) / window
-    result = {"steps": args.steps, "batch_size": args.batch_size, "seconds": round(seconds, 1),
+    result = {"steps": args.steps, "batch_size": args.batch_size, "ptx_coef": config.ptx_coef,
+              "seconds": round(seconds, 1),
               "tokens_per_second": round((prompt_tokens + response_tokens) / seconds),
               "response_tokens_per_second": round(response_tokens / seconds, 1),
               "mean_reward_first_quarter": round(first, 3), "mean_reward_last_quarter": round(last, 3),

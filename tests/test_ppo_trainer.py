@@ -292,3 +292,10 @@ def test_stage_ptx_settings_fail_clearly(tokenizer):
     rows, records = load_ptx(PPOArguments(ptx_dataset={"sources": [{"path": "demo:sft?n=5"}]}),
                              PPOConfig(ptx_coef=0.5), tokenizer)
     assert len(rows) == 5 and records[0]["name"] == "demo:sft?n=5" and records[0]["license"] == "apache-2.0"
+
+
+def test_stage_rejects_a_negative_thread_count():
+    from pipeline.stages.ppo import PPOArguments, run_ppo
+
+    with pytest.raises(ValueError, match="cpu_threads: must be >= 0"):
+        run_ppo(PPOArguments(cpu_threads=-1), PPOConfig())

@@ -26,7 +26,7 @@ from pipeline.data.demo_tasks import rl_prompt_rows
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.stages.common import parse_stage_args
 from pipeline.stages.ppo import PPOArguments, load_ptx, reward_function
-from pipeline.stages.reward import full_weights_dir
+from pipeline.adapters import full_weights_dir
 
 
 def main(argv=None):

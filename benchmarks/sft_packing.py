@@ -27,9 +27,6 @@ from pipeline.data.tokenizer import train_tokenizer
 from pipeline.data.validation import load_rows
 from pipeline.modeling import PipelineGPTConfig, PipelineGPTForCausalLM
 
-SHARED_ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sft" / "alpaca_en_0-3252.json"
-
-
 def batches(rows, tokenizer, model, *, packing: bool, args, workdir: str):
     config = SFTConfig(output_dir=workdir, packing=packing, max_length=args.max_length,
                        per_device_train_batch_size=args.batch_size if not packing else args.packed_rows,
@@ -56,7 +53,8 @@ def tokens_per_second(model, batch_list) -> float:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(SHARED_ALPACA) if SHARED_ALPACA.exists() else "demo:sft?n=3000")
+    parser.add_argument("--data", default="demo:sft?n=3000",
+                        help="SFT rows: a file, folder, Hub id (e.g. tatsu-lab/alpaca) or demo:sft?n=N")
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=8, help="conversations per padded batch")
     parser.add_argument("--packed_rows", type=int, default=0,

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import pipeline  # noqa: F401  (registers PipelineGPT)
-from conftest import REPO
+from conftest import REPO, with_local_standins
 from test_docs import make_recipe
 
 TINY_CHAIN = [
@@ -88,13 +88,14 @@ def test_repeated_set_flags_all_reach_their_stages():
 
 
 def test_readme_real_data_chain_runs(shared_data, tmp_path):
-    """The README's `make demo ARGS=...` on the shared Alpaca and HH files, with tiny model and step overrides."""
+    """The README's `make demo ARGS=...` on Alpaca and HH (local slices standing in for the Hub ids), with tiny
+    model and step overrides."""
     import re
     import shlex
 
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     documented = re.search(r'^make demo ARGS="(.*?)"$', readme, flags=re.S | re.M).group(1).replace("\\\n", " ")
-    documented = shlex.split(documented.replace("../shared/data", str(shared_data)))
+    documented = shlex.split(with_local_standins(documented))
     stages = documented[documented.index("--stages") + 1].split(",")
     tiny = [x for item in TINY_CHAIN if item.split(".")[0] in stages and not item.startswith(("sft.dataset_path",
             "reward.dataset_path")) for x in ("--set", item)]

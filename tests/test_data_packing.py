@@ -8,7 +8,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from pipeline.data import packing
-from pipeline.data.packing import PackReport, tokenize_and_pack, tokenizer_hash
+from pipeline.artifacts import tokenizer_hash
+from pipeline.data.packing import PackReport, tokenize_and_pack
 
 CORPUS = [
     "First Citizen:\nBefore we proceed any further, hear me speak.",
@@ -212,3 +213,17 @@ def test_real_tinyshakespeare_packs_exactly(shared_data):
     assert len(packed) * 128 + report.dropped_tokens == len(stream)
     assert report.dropped_tokens < 128
     assert list(itertools.chain.from_iterable(packed["input_ids"])) == stream[: len(packed) * 128]
+
+
+def test_padding_helpers_pad_on_the_requested_side():
+    from pipeline.data.padding import IGNORE_INDEX, padded_batch, padded_lm_batch
+
+    ids, mask = padded_batch([[5, 6, 7], [8]], pad_id=0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = padded_batch([[5], [], [8, 9]], pad_id=3)
+    assert ids.tolist() == [[5, 3], [3, 3], [8, 9]] and mask.tolist() == [[1, 0], [0, 0], [1, 1]]
+    ids, mask, labels = padded_lm_batch([{"input_ids": [1, 2], "labels": [-100, 2]},
+                                         {"input_ids": [4], "labels": [4]}], pad_id=0)
+    assert ids.tolist() == [[1, 2], [4, 0]] and labels.tolist() == [[-100, 2], [4, IGNORE_INDEX]]
+    with pytest.raises(ValueError, match="side: 'middle'"):
+        padded_batch([[1]], 0, side="middle")

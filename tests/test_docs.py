@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, names_hub_data, with_local_standins
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
 
@@ -77,12 +77,12 @@ def make_recipe(target: str) -> list[str]:
 def run(command: str, tmp_path, cwd=REPO) -> subprocess.CompletedProcess:
     prefix = next((p for p in TINY if command.startswith(p)), None)
     assert prefix, f"README command {command!r} has no tiny override in tests/test_docs.py: add one"
-    if "../shared/data" in command and not SHARED_DATA.is_dir():
-        pytest.skip(f"{command!r} reads real data at {SHARED_DATA}, absent here")
+    if names_hub_data(command) and not SHARED_DATA.is_dir():
+        pytest.skip(f"{command!r} reads Hub data, stood in for offline by slices at {SHARED_DATA}, absent here")
     args = shlex.split(command) + shlex.split(TINY[prefix])
     if prefix in OUTPUT_FLAGS:
         args += [OUTPUT_FLAGS[prefix], str(tmp_path / "out")]
-    args = [a.replace("../shared/data", str(SHARED_DATA)) for a in args]
+    args = [with_local_standins(a) for a in args]
     if args[:2] == ["accelerate", "launch"]:
         args = [sys.executable, "-m", "accelerate.commands.launch", *args[2:]]
     elif args[0] == "pipeline":

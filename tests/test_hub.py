@@ -13,9 +13,8 @@ import pipeline  # noqa: F401  (registers PipelineGPT)
 from conftest import REPO
 from pipeline.data.tokenizer import train_tokenizer
 from pipeline.hub.export import export_model, list_export_files
-from pipeline.hub.manifest import build_manifest
+from pipeline.artifacts import StageOutput, build_manifest
 from pipeline.modeling import PipelineGPTConfig, PipelineGPTForCausalLM, PipelineGPTForSequenceClassification
-from pipeline.stages.common import StageOutput
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
 IDS = torch.tensor([[1, 4, 10, 11, 12, 2, 5, 13]])

@@ -59,9 +59,9 @@ def ptx_data(n: int = 6) -> list[dict]:
 
 
 def ptx_nll(model, rows) -> float:
-    from pipeline.alignment.ppo_trainer import right_pad_lm_rows
+    from pipeline.data.padding import padded_lm_batch
 
-    ids, mask, labels = right_pad_lm_rows(rows, 0)
+    ids, mask, labels = padded_lm_batch(rows, 0)
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
 

@@ -8,8 +8,10 @@ from conftest import REPO
 from transformers import TrainingArguments
 
 from pipeline.data.tokenizer import train_tokenizer
-from pipeline.hub.manifest import MANIFEST_NAME, LineageError, build_manifest, check_parent, read_manifest
-from pipeline.stages.common import ConfigError, StageOutput, check_distributed_setup, latest_checkpoint, parse_stage_args
+from pipeline.artifacts import (
+    MANIFEST_NAME, LineageError, StageOutput, build_manifest, check_parent, latest_checkpoint, read_manifest,
+)
+from pipeline.stages.common import ConfigError, check_distributed_setup, parse_stage_args
 from pipeline.stages.pretrain import PretrainArguments
 from pipeline.stages.sft import SFTArguments
 
@@ -81,6 +83,43 @@ def test_stage_output_appears_only_when_finished(tmp_path):
         (again.work / "new.bin").write_text("new")
         again.finish({"stage": "y", "artifact": "model"})
     assert read_manifest(out)["stage"] == "y" and (out / "new.bin").exists() and not (out / "weights.bin").exists()
+
+
+def test_resume_goes_ahead_only_with_the_same_settings(tmp_path):
+    from types import SimpleNamespace
+
+    from trl import SFTConfig
+
+    from pipeline.artifacts import ResumeMismatchError
+    from pipeline.stages.training import run_fingerprint
+
+    data = SimpleNamespace(fingerprint=lambda: "data-a")
+
+    def fingerprint(mixture=data, **overrides):
+        settings = {"learning_rate": 1e-3, "max_steps": 10, "save_steps": 5, **overrides}
+        training = SFTConfig(output_dir=str(tmp_path / "ckpt"), use_cpu=True, bf16=False, **settings)
+        return run_fingerprint({"stage": {"method": "lora", "overwrite": False}, "training": training.to_dict()},
+                               [None], mixture)
+
+    out = tmp_path / "sft"
+    with StageOutput(out) as first:
+        first.guard_resume(fingerprint())
+        (first.checkpoints_dir / "checkpoint-5").mkdir(parents=True)
+        (first.checkpoints_dir / "checkpoint-5" / "trainer_state.json").write_text("{}")
+    with StageOutput(out) as again:  # interrupted: a longer run and other save/logging steps still resume
+        again.guard_resume(fingerprint(max_steps=20, save_steps=2, logging_steps=3))
+        with pytest.raises(ResumeMismatchError, match=r"training\.learning_rate \(0\.001 -> 0\.002\)"):
+            again.guard_resume(fingerprint(learning_rate=2e-3))
+        with pytest.raises(ResumeMismatchError, match=r"data \('data-a' -> 'data-b'\).*--overwrite true"):
+            again.guard_resume(fingerprint(mixture=SimpleNamespace(fingerprint=lambda: "data-b")))
+    with StageOutput(out, overwrite=True) as clean:  # overwrite starts clean: the old checkpoints are gone
+        assert latest_checkpoint(clean.checkpoints_dir) is None
+        clean.guard_resume(fingerprint(learning_rate=2e-3))
+    (out.with_name("sft.incomplete") / "run_fingerprint.json").unlink()
+    (out.with_name("sft.incomplete") / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    (out.with_name("sft.incomplete") / "checkpoints" / "checkpoint-1" / "trainer_state.json").write_text("{}")
+    with StageOutput(out) as unknown, pytest.raises(ResumeMismatchError, match="without a run_fingerprint.json"):
+        unknown.guard_resume(fingerprint())
 
 
 def test_latest_checkpoint_skips_unfinished_ones(tmp_path):
@@ -182,3 +221,5 @@ def test_every_shipped_config_parses(path):
         argv += ["--bf16", "false"]  # GPU configs: transformers refuses bf16 on a CPU-only machine at parse time
     parsed = parse_stage_args(_recipe_types(stage), argv)
     assert all(p is not None for p in parsed)
+    # A user has only this repository: data comes from Hub ids or the embedded demo, never from beside the checkout.
+    assert "../" not in path.read_text(), f"{path.name} reads a path outside the repository"

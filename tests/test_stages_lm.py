@@ -163,6 +163,12 @@ def test_sigkill_then_resume_equals_uninterrupted(chain, tmp_path, stage):
     _kill_after_checkpoint(command, killed.with_name("killed.incomplete"), step=4)
     assert not killed.exists()  # an interrupted run leaves nothing that looks finished
     assert not (killed.with_name("killed.incomplete") / "pipeline_manifest.json").exists()
+    if stage == "pretrain":  # a resume under other settings or data is refused, naming what differs
+        for flag, value, named in (("--learning_rate", "1e-2", "training.learning_rate"),
+                                   ("--dataset_path", "demo:pretrain?n=160", "data")):
+            refused = launch(stage, *make(killed), flag, value, check=False)
+            assert refused.returncode != 0 and named in refused.stderr, refused.stderr[-2000:]
+        assert (killed.with_name("killed.incomplete") / "checkpoints" / "checkpoint-4").is_dir()  # kept for a resume
     resumed = launch(stage, *make(killed))  # picks up checkpoint-4 by itself
     assert "resuming from" in resumed.stdout and "checkpoint-4" in resumed.stdout
     a, b = load_file(tmp_path / "straight" / weights), load_file(killed / weights)

@@ -1,7 +1,7 @@
 """Preference pairs from the policy's own mistakes: chosen = the reference answer, rejected = a sampled wrong one.
 
 DPO on off-policy synthetic pairs hurt the demo model; pairs whose rejected side is what the policy actually says
-moved it the right way (notes/demo-feasibility.md). Needs prompts with reference answers and a verifier.
+moved it the right way (docs/experiments.md). Needs prompts with reference answers and a verifier.
 """
 
 from __future__ import annotations
@@ -11,27 +11,26 @@ from typing import Callable
 
 import torch
 
+from pipeline.data.padding import padded_batch
+
 
 @torch.no_grad()
 def sample_answers(model, tokenizer, prompts: list[list[dict]], *, samples: int, temperature: float,
                    max_new_tokens: int, batch_size: int = 64, seed: int = 0) -> list[list[str]]:
     """`samples` sampled answers per conversational prompt (chat template, stop at EOS)."""
     torch.manual_seed(seed)
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     model.eval()
     answers: list[list[str]] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in chunk]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            out = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, max_new_tokens=max_new_tokens,
-                                 num_return_sequences=samples, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id)
-            decoded = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
-            answers += [[d.strip() for d in decoded[i * samples:(i + 1) * samples]] for i in range(len(chunk))]
-    finally:
-        tokenizer.padding_side = side
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in chunk]
+        rows = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        ids, mask = (t.to(model.device) for t in padded_batch(rows, tokenizer.pad_token_id, side="left"))
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=0,
+                             max_new_tokens=max_new_tokens, num_return_sequences=samples,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        decoded = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        answers += [[d.strip() for d in decoded[i * samples:(i + 1) * samples]] for i in range(len(chunk))]
     return answers
 
 

@@ -48,7 +48,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -61,6 +60,9 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
+
+from pipeline.artifacts import latest_checkpoint
+from pipeline.data.padding import padded_batch, padded_lm_batch
 
 from .ppo_core import (
     AdaptiveKLController,
@@ -81,7 +83,6 @@ from .ppo_core import (
 logger = logging.getLogger(__name__)
 
 RewardFn = Callable[[list[list[int]], list[list[int]]], torch.Tensor]
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STAT_KEYS = ("mean_score", "kl", "entropy", "policy_clipfrac", "value_clipfrac", "approx_kl", "policy_loss",
              "value_loss", "response_length", "kl_coef")
 
@@ -172,18 +173,6 @@ def token_values(value_model: nn.Module, input_ids: torch.Tensor, attention_mask
     return head(hidden).squeeze(-1).float()
 
 
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-id lists -> (ids, attention_mask), both (B, max_len), padded on the left for generation."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if len(seq):
-            ids[row, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
-            mask[row, width - len(seq):] = 1
-    return ids, mask
-
-
 def seeded_slice(n: int, start: int, size: int, seed: int, orders: dict[int, torch.Tensor]) -> list[int]:
     """Indices `start .. start+size` of an endless stream over range(n): one seeded permutation per pass."""
     indices = []
@@ -193,19 +182,6 @@ def seeded_slice(n: int, start: int, size: int, seed: int, orders: dict[int, tor
             orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
         indices.append(int(orders[epoch][position % n]))
     return indices
-
-
-def right_pad_lm_rows(rows: Sequence[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows {"input_ids", "labels"} -> (ids, attention_mask, labels) padded on the right; padding labels -100."""
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        ids[i, :n], mask[i, :n] = torch.tensor(row["input_ids"]), 1
-        labels[i, :n] = torch.tensor(row["labels"])
-    return ids, mask, labels
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -338,7 +314,7 @@ class PPOTrainer:
         per_step = self.config.ppo_epochs * self.config.batch_size
         start = (step * self.accelerator.num_processes + self.accelerator.process_index) * per_step + group_index * size
         picked = seeded_slice(len(self.ptx_data), start, size, self.config.seed + 1_000_003, self._ptx_orders)
-        ids, mask, labels = right_pad_lm_rows([self.ptx_data[i] for i in picked], self.pad_id)
+        ids, mask, labels = padded_lm_batch([self.ptx_data[i] for i in picked], self.pad_id)
         device = self.accelerator.device
         return ids.to(device), mask.to(device), labels.to(device)
 
@@ -401,7 +377,7 @@ class PPOTrainer:
 
     def _rollout_chunk(self, prompts: list[list[int]]) -> dict:
         device, length = self.accelerator.device, self.config.response_length
-        query, query_mask = (t.to(device) for t in left_pad(prompts, self.pad_id))
+        query, query_mask = (t.to(device) for t in padded_batch(prompts, self.pad_id, side="left"))
         generated = self.policy.generate(input_ids=query, attention_mask=query_mask,
                                          generation_config=self.generation_config)
         response = generated[:, query.shape[1]:]
@@ -576,13 +552,11 @@ class PPOTrainer:
 
     def latest_checkpoint(self) -> Path:
         """The `checkpoint-<step>` folder with the highest step in output_dir."""
-        root = Path(self.config.output_dir)
-        steps = [int(m.group(1)) for p in root.glob("checkpoint-*") if (m := CHECKPOINT_PATTERN.match(p.name))
-                 and (p / "trainer_state.json").is_file()]
-        if not steps:
+        found = latest_checkpoint(self.config.output_dir)
+        if found is None:
             raise FileNotFoundError(f"resume_from_checkpoint=True: no checkpoint-<step> folder with trainer_state.json "
-                                    f"in {root}; pass a checkpoint path or train without resuming")
-        return root / f"checkpoint-{max(steps)}"
+                                    f"in {self.config.output_dir}; pass a checkpoint path or train without resuming")
+        return Path(found)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore models, optimisers, KL controller, RNG states, step and history from a checkpoint folder."""
@@ -633,5 +607,5 @@ def load_weights(model: nn.Module, folder: Path) -> None:
                            f"unexpected {result.unexpected_keys[:5]}")
 
 
-__all__ = ["PPOConfig", "PPOTrainer", "PolicyAndValue", "left_pad", "load_weights", "positions_from_mask",
-           "right_pad_lm_rows", "seeded_slice", "token_values", "value_backbone_and_head"]
+__all__ = ["PPOConfig", "PPOTrainer", "PolicyAndValue", "load_weights", "positions_from_mask", "seeded_slice",
+           "token_values", "value_backbone_and_head"]

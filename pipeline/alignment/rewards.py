@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-from pipeline.data.demo_tasks import verify
-
 
 def _text(completion) -> str:
     return completion[-1]["content"] if isinstance(completion, list) else completion
 
 
-def verifier_reward(answer_column: str = "answer") -> Callable:
-    """1.0 when the completion equals the row's reference answer (whitespace-normalised), else 0.0."""
+def verifier_reward(verify: Callable[[str, str], bool], answer_column: str = "answer") -> Callable:
+    """1.0 when `verify(completion, the row's reference answer)` holds, else 0.0."""
 
     def verifier(prompts, completions, completion_ids=None, **columns):
         references = columns[answer_column]

@@ -26,6 +26,8 @@ import pyarrow.compute as pc
 from datasets import Dataset, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
+from pipeline.artifacts import tokenizer_hash
+
 logger = logging.getLogger(__name__)
 
 # Bump when the packed layout changes, so old caches stop matching.
@@ -211,20 +213,6 @@ def _list_array(offsets: np.ndarray, values) -> pa.Array:
 # ---------------------------------------------------------------------------
 # Cache
 # ---------------------------------------------------------------------------
-
-
-def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
-    """sha256 of what decides the token ids: the full backend definition (vocabulary,
-    merges, normalisers) for fast tokenizers, the vocabulary otherwise, plus EOS."""
-    h = hashlib.sha256()
-    h.update(type(tokenizer).__name__.encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        h.update(backend.to_str().encode("utf-8"))
-    else:
-        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode("utf-8"))
-    h.update(repr(tokenizer.eos_token_id).encode())
-    return h.hexdigest()
 
 
 def _cache_key(

@@ -13,26 +13,20 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from pipeline.data.padding import IGNORE_INDEX, padded_batch, padded_lm_batch
 from pipeline.evaluation import load_metric
-
-IGNORE_INDEX = -100  # label value the loss skips (transformers' convention)
 
 
 @contextmanager
-def _inference(model, tokenizer=None, padding_side: str | None = None):
-    """eval() and no_grad for the duration, then the model's mode and the tokenizer's padding side as they were."""
+def _inference(model):
+    """eval() and no_grad for the duration, then the model's mode as it was."""
     was_training = model.training
-    side = tokenizer.padding_side if tokenizer is not None else None
     model.eval()
-    if padding_side is not None:
-        tokenizer.padding_side = padding_side
     try:
         with torch.no_grad():
             yield
     finally:
         model.train(was_training)
-        if tokenizer is not None:
-            tokenizer.padding_side = side
 
 
 def _require_pad_token(tokenizer) -> None:
@@ -59,20 +53,21 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], *, chat: bool = Tru
         raise ValueError("tokenizer: no chat_template, so chat=True cannot render prompts; pass chat=False for "
                          "plain-text prompts or use a tokenizer from pipeline.data.tokenizer")
     _require_pad_token(tokenizer)
-    # Left padding: every prompt ends where generation starts.
     answers: list[str] = []
-    with _inference(model, tokenizer, padding_side="left"):
+    with _inference(model):
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start:start + batch_size])
             if chat:
                 chunk = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                        tokenize=False) for p in chunk]
-            # The chat template writes its own bos; plain text is continued as given.
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            # The chat template writes its own bos; plain text is continued as given. Left padding: every prompt
+            # ends where generation starts.
+            rows = tokenizer(chunk, add_special_tokens=False)["input_ids"]
+            ids, mask = (t.to(model.device) for t in padded_batch(rows, tokenizer.pad_token_id, side="left"))
             stop = {} if chat else {"stop_strings": ["\n"], "tokenizer": tokenizer}
-            out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **stop)
-            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
             # A token may carry text past the newline that stopped generation: cut there.
             answers += [(t if chat else t.split("\n")[0]).strip() for t in texts]
     return answers
@@ -118,6 +113,22 @@ def demo_exact_match(model, tokenizer, tasks, *, chat: bool = True, max_new_toke
     answers = greedy_answers(model, tokenizer, prompts, chat=chat, max_new_tokens=max_new_tokens,
                              batch_size=batch_size)
     return exact_match_by_kind(answers, tasks)
+
+
+def held_out_demo_metrics(model, tokenizer, n: int) -> dict:
+    """A stage's metrics on `n` held-out demo tasks asked as chat: {"exact_match", "exact_match_per_kind"}."""
+    from pipeline.data.demo_tasks import eval_tasks
+
+    result = demo_exact_match(model, tokenizer, eval_tasks(n, seed=0), chat=True)
+    return {"exact_match": result["exact_match"], "exact_match_per_kind": result.get("per_kind", {})}
+
+
+def reward_trend(rewards: Sequence[float]) -> dict:
+    """Mean reward over the first and the last quarter of training: {"mean_reward_first", "mean_reward"} (None
+    when nothing was logged)."""
+    quarter = max(1, len(rewards) // 4)
+    return {"mean_reward_first": sum(rewards[:quarter]) / quarter if rewards else None,
+            "mean_reward": sum(rewards[-quarter:]) / quarter if rewards else None}
 
 
 def select_shots(task, shots: Iterable, k: int) -> list:
@@ -194,17 +205,9 @@ def perplexity(model, tokenizer, data, batch_size: int = 16) -> dict:
     nll_sum, token_count = [], []
     with _inference(model):
         for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            width = max(len(ids) for ids, _ in chunk)
+            chunk = [{"input_ids": ids, "labels": labels} for ids, labels in rows[start:start + batch_size]]
             # Right padding with the pad positions masked out: a causal model's real tokens never see them.
-            ids = torch.zeros(len(chunk), width, dtype=torch.long)
-            labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
-            mask = torch.zeros(len(chunk), width, dtype=torch.long)
-            for r, (row_ids, row_labels) in enumerate(chunk):
-                ids[r, :len(row_ids)] = torch.tensor(row_ids)
-                labels[r, :len(row_labels)] = torch.tensor(row_labels)
-                mask[r, :len(row_ids)] = 1
-            ids, labels, mask = ids.to(model.device), labels.to(model.device), mask.to(model.device)
+            ids, mask, labels = (t.to(model.device) for t in padded_lm_batch(chunk, pad_id=0))
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V)
             targets = labels[:, 1:]  # (B, T-1)
             nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
@@ -236,12 +239,20 @@ def reward_scores(reward_model, tokenizer, conversations: Sequence[list[dict]], 
     _require_pad_token(tokenizer)
     texts = [tokenizer.apply_chat_template(_check_messages(c, f"conversations[{i}]"), tokenize=False)
              for i, c in enumerate(conversations)]
+    rows = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return score_token_rows(reward_model, rows, tokenizer.pad_token_id, batch_size=batch_size)
+
+
+def score_token_rows(reward_model, rows: Sequence[Sequence[int]], pad_id: int, *, batch_size: int | None = 32
+                     ) -> torch.Tensor:
+    """Scalar scores (float32, CPU, shape (N,)) of token-id rows, right-padded `batch_size` rows at a time
+    (None: all rows in one batch). The model reads each row's last real token."""
     scores = [torch.empty(0)]
+    step = batch_size or max(1, len(rows))
     with _inference(reward_model):
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(reward_model.device)
-            scores.append(reward_model(**enc).logits[:, 0].float().cpu())
+        for start in range(0, len(rows), step):
+            ids, mask = (t.to(reward_model.device) for t in padded_batch(rows[start:start + step], pad_id))
+            scores.append(reward_model(input_ids=ids, attention_mask=mask).logits[:, 0].float().cpu())
     return torch.cat(scores)
 
 

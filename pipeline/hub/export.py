@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.hub.manifest import build_manifest, read_manifest
+from pipeline.adapters import merge_lora
+from pipeline.artifacts import StageOutput, build_manifest, read_manifest
 from pipeline.hub.model_card import lineage, model_card
 
 FORMATS = ("pipeline", "llama")
@@ -21,11 +22,7 @@ def _load(source: Path):
 
     tokenizer = AutoTokenizer.from_pretrained(source)
     if (source / "adapter_config.json").is_file():
-        from peft import AutoPeftModelForCausalLM, PeftConfig
-
-        if PeftConfig.from_pretrained(source).peft_type != "LORA":
-            raise ValueError(f"{source}: only LoRA adapters can be merged for export")
-        return AutoPeftModelForCausalLM.from_pretrained(source).merge_and_unload(), tokenizer, "causal_lm"
+        return merge_lora(source), tokenizer, "causal_lm"
     config = AutoConfig.from_pretrained(source)
     if any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
         return AutoModelForSequenceClassification.from_pretrained(source), tokenizer, "sequence_classification"
@@ -35,8 +32,6 @@ def _load(source: Path):
 def export_model(source: str | Path, output_dir: str | Path, *, format: str = "pipeline", overwrite: bool = False,
                  repo_id: str | None = None) -> Path:
     """Write `source` (a finished stage output) as a self-contained Hub folder at `output_dir`."""
-    from pipeline.stages.common import StageOutput
-
     if format not in FORMATS:
         raise ValueError(f"format: {format!r} is not one of {', '.join(FORMATS)}")
     source = Path(source)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from pipeline.hub.manifest import MANIFEST_NAME, read_manifest
+from pipeline.artifacts import MANIFEST_NAME, read_manifest
 
 METRIC_NAMES = {"exact_match": "exact match (held-out tasks)", "perplexity": "perplexity",
                 "reward_accuracy": "pairwise reward accuracy", "mean_reward": "mean reward", "accuracy": "accuracy"}

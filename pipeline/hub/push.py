@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from pipeline.hub.export import list_export_files
-from pipeline.hub.manifest import read_manifest
+from pipeline.artifacts import read_manifest
 
 
 class MissingTokenError(RuntimeError):

@@ -13,8 +13,8 @@ from transformers import (
 )
 
 from pipeline.data.tokenizer import load_tokenizer
-from pipeline.hub.manifest import check_parent
-from pipeline.stages.common import StageOutput, check_distributed_setup
+from pipeline.artifacts import StageOutput, check_parent
+from pipeline.stages.common import check_distributed_setup
 from pipeline.stages.training import (
     DataArguments, finish_stage, guards, on_cpu_only, resolve_mixture, train_resuming,
 )
@@ -68,7 +68,7 @@ def run_classify(args: ClassifyArguments, training: TrainingArguments) -> Path:
                           eval_dataset=encode(mixture.eval) if mixture.eval else None,
                           data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy,
                           callbacks=callbacks)
-        result = train_resuming(trainer, out, training)
+        result = train_resuming(trainer, out, training, args=args, parents=[args.model_name_or_path], mixture=mixture)
         metrics = {"train_loss": result.training_loss}
         if mixture.eval:
             evaluated = trainer.evaluate()

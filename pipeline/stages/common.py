@@ -1,9 +1,8 @@
-"""Machinery every stage shares: YAML + command-line arguments, atomic outputs, resume, distributed sanity.
+"""What every stage's entry point shares: YAML + command-line arguments, and a distributed sanity check.
 
     args, training = parse_stage_args((SFTArguments, SFTConfig), argv)
-    with StageOutput(training.output_dir, overwrite=args.overwrite) as out:
-        ...train with checkpoints in out.checkpoints_dir, save into out.work...
-        out.finish(manifest)        # manifest written last, then <output_dir>.incomplete renamed to <output_dir>
+
+Atomic outputs, manifests and checkpoint discovery live in `pipeline.artifacts`.
 """
 
 from __future__ import annotations
@@ -12,8 +11,6 @@ import argparse
 import difflib
 import json
 import os
-import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,7 +18,6 @@ from typing import Any, Sequence
 import yaml
 from transformers import HfArgumentParser
 
-from pipeline.hub.manifest import MANIFEST_NAME, write_manifest
 
 
 class ConfigError(ValueError):
@@ -126,67 +122,6 @@ def _has_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-# --------------------------------------------------------------------------- outputs and checkpoints
-
-
-def latest_checkpoint(directory: str | os.PathLike) -> str | None:
-    """The highest `checkpoint-N` in `directory` that finished saving (Trainer writes trainer_state.json last)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    done = [p for p in directory.glob("checkpoint-*")
-            if re.fullmatch(r"checkpoint-\d+", p.name) and (p / "trainer_state.json").is_file()]
-    return str(max(done, key=lambda p: int(p.name.split("-")[1]))) if done else None
-
-
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-class StageOutput:
-    """An output folder that appears only when complete.
-
-    Work happens in `<output_dir>.incomplete` (kept after an interruption, so its checkpoints resume the run);
-    `finish(manifest)` writes the manifest last and renames the folder into place. Refuses to replace a finished
-    output unless `overwrite`.
-    """
-
-    def __init__(self, output_dir: str | os.PathLike, *, overwrite: bool = False, keep_checkpoints: bool = False):
-        self.output_dir = Path(output_dir)
-        self.work = self.output_dir.with_name(self.output_dir.name + ".incomplete")
-        self.checkpoints_dir = self.work / "checkpoints"
-        self.overwrite, self.keep_checkpoints = overwrite, keep_checkpoints
-        self.finished = False
-
-    def __enter__(self) -> "StageOutput":
-        if self.output_dir.exists() and not self.overwrite:
-            raise FileExistsError(f"{self.output_dir} already exists (a finished stage output); pass --overwrite true "
-                                  f"to replace it, or choose another --output_dir")
-        if (self.work / MANIFEST_NAME).exists():  # cannot happen through finish(); never let it pass as complete
-            (self.work / MANIFEST_NAME).unlink()
-        self.work.mkdir(parents=True, exist_ok=True)
-        return self
-
-    def finish(self, manifest: dict) -> Path:
-        """Main process only: drop checkpoints (unless kept), write the manifest, rename into place."""
-        if not self.keep_checkpoints:
-            shutil.rmtree(self.checkpoints_dir, ignore_errors=True)
-        write_manifest(self.work, manifest)
-        if self.output_dir.exists():
-            old = self.output_dir.with_name(self.output_dir.name + ".replaced")
-            shutil.rmtree(old, ignore_errors=True)
-            self.output_dir.rename(old)
-            self.work.rename(self.output_dir)
-            shutil.rmtree(old)
-        else:
-            self.work.rename(self.output_dir)
-        self.finished = True
-        return self.output_dir
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        return False  # on error the work folder stays for a resume; nothing is renamed
 
 
 # --------------------------------------------------------------------------- distributed

@@ -16,11 +16,12 @@ from transformers import AutoModelForCausalLM
 from trl import DPOConfig, DPOTrainer
 
 from pipeline.data.tokenizer import load_tokenizer
-from pipeline.hub.manifest import check_parent
-from pipeline.stages.adapters import MethodArguments, count_trainable, load_for_method, merged_for_saving
-from pipeline.stages.common import StageOutput, check_distributed_setup
-from pipeline.stages.reward import full_weights_dir
-from pipeline.stages.sft import demo_exact_match
+from pipeline.adapters import (
+    MethodArguments, count_trainable, full_weights_dir, load_for_method, merged_for_saving,
+)
+from pipeline.artifacts import StageOutput, check_parent
+from pipeline.evaluation.evaluators import held_out_demo_metrics
+from pipeline.stages.common import check_distributed_setup
 from pipeline.stages.training import (
     DataArguments, finish_stage, guards, on_cpu_only, resolve_mixture, train_resuming,
 )
@@ -81,7 +82,7 @@ def run_dpo(args: DPOArguments, training: DPOConfig) -> Path:
         trainer = DPOTrainer(model=model, ref_model=ref_model, args=training, processing_class=tokenizer,
                              train_dataset=Dataset.from_list(train),
                              eval_dataset=Dataset.from_list(evals) if evals else None, callbacks=callbacks)
-        result = train_resuming(trainer, out, training)
+        result = train_resuming(trainer, out, training, args=args, parents=[args.model_name_or_path], mixture=mixture)
         metrics = {"train_loss": result.training_loss, **pair_counts}
         if evals:
             evaluated = trainer.evaluate()
@@ -89,7 +90,7 @@ def run_dpo(args: DPOArguments, training: DPOConfig) -> Path:
                             if k in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")})
         policy = merged_for_saving(trainer.model)
         if args.eval_demo_tasks:
-            metrics.update(demo_exact_match(policy, tokenizer, args.eval_demo_tasks, training.seed))
+            metrics.update(held_out_demo_metrics(policy, tokenizer, args.eval_demo_tasks))
         metrics.update(wall_seconds=round(time.monotonic() - started, 1), stopped_by_time_limit=limit.hit,
                        loss_history=history.points)
         finish_stage(trainer, out, "dpo", tokenizer=tokenizer, artifact="model",

@@ -12,11 +12,11 @@ from trl import GRPOConfig, GRPOTrainer
 
 from pipeline.alignment.rewards import missing_eos_penalty, verifier_reward
 from pipeline.data.tokenizer import load_tokenizer
-from pipeline.hub.manifest import check_parent
-from pipeline.stages.adapters import MethodArguments, load_for_method, merged_for_saving
-from pipeline.stages.common import StageOutput, check_distributed_setup
-from pipeline.stages.reward import full_weights_dir
-from pipeline.stages.sft import demo_exact_match
+from pipeline.adapters import MethodArguments, full_weights_dir, load_for_method, merged_for_saving
+from pipeline.artifacts import StageOutput, check_parent
+from pipeline.data.demo_tasks import verify
+from pipeline.evaluation.evaluators import held_out_demo_metrics, reward_trend
+from pipeline.stages.common import check_distributed_setup
 from pipeline.stages.training import (
     DataArguments, finish_stage, guards, on_cpu_only, resolve_mixture, train_resuming,
 )
@@ -39,7 +39,7 @@ def reward_functions(args: GRPOArguments, tokenizer) -> tuple[list, list]:
     funcs, processing = [], []
     for name in [n.strip() for n in args.rewards.split(",") if n.strip()]:
         if name == "verifier":
-            funcs.append(verifier_reward("answer"))
+            funcs.append(verifier_reward(verify, "answer"))
             processing.append(None)
         elif name == "missing_eos":
             funcs.append(missing_eos_penalty(tokenizer.eos_token_id))
@@ -80,15 +80,13 @@ def run_grpo(args: GRPOArguments, training: GRPOConfig) -> Path:
         callbacks, limit, history = guards(args.max_seconds)
         trainer = GRPOTrainer(model=policy, reward_funcs=funcs, args=training, train_dataset=Dataset.from_list(rows),
                               processing_class=tokenizer, reward_processing_classes=processing, callbacks=callbacks)
-        result = train_resuming(trainer, out, training)
+        result = train_resuming(trainer, out, training, args=args, mixture=mixture,
+                                parents=[args.model_name_or_path, args.reward_model_path])
         rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
-        quarter = max(1, len(rewards) // 4)
-        metrics = {"train_loss": result.training_loss, "reward_history": rewards,
-                   "mean_reward_first": sum(rewards[:quarter]) / quarter if rewards else None,
-                   "mean_reward": sum(rewards[-quarter:]) / quarter if rewards else None}
+        metrics = {"train_loss": result.training_loss, "reward_history": rewards, **reward_trend(rewards)}
         final = merged_for_saving(trainer.model)
         if args.eval_demo_tasks:
-            metrics.update(demo_exact_match(final, tokenizer, args.eval_demo_tasks, training.seed))
+            metrics.update(held_out_demo_metrics(final, tokenizer, args.eval_demo_tasks))
         metrics.update(wall_seconds=round(time.monotonic() - started, 1), stopped_by_time_limit=limit.hit,
                        loss_history=history.points)
         finish_stage(trainer, out, "grpo", tokenizer=tokenizer, artifact="model",

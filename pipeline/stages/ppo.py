@@ -8,7 +8,6 @@ reward model may use another tokenizer: responses are decoded and re-encoded for
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,14 +17,15 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from pipeline.alignment.ppo_trainer import PPOConfig, PPOTrainer
 from pipeline.data.mixing import load_mixture
-from pipeline.data.packing import tokenizer_hash
 from pipeline.data.tokenizer import load_tokenizer
-from pipeline.hub.manifest import build_manifest, check_parent
-from pipeline.stages.adapters import MethodArguments, load_for_method, merged_for_saving
-from pipeline.stages.common import StageOutput, check_distributed_setup, latest_checkpoint
-from pipeline.stages.reward import full_weights_dir
-from pipeline.stages.sft import demo_exact_match
-from pipeline.stages.training import DataArguments, dataset_records, resolve_mixture
+from pipeline.adapters import MethodArguments, full_weights_dir, load_for_method, merged_for_saving
+from pipeline.artifacts import StageOutput, check_parent, latest_checkpoint, tokenizer_hash
+from pipeline.data.demo_tasks import verify
+from pipeline.evaluation.evaluators import held_out_demo_metrics, reward_trend, score_token_rows
+from pipeline.stages.common import check_distributed_setup
+from pipeline.stages.training import (
+    DataArguments, dataset_records, resolve_mixture, run_fingerprint, write_stage_output,
+)
 
 
 @dataclass
@@ -63,18 +63,13 @@ def reward_function(reward_model, reward_tokenizer, policy_tokenizer, references
         else:  # another tokenizer: go through text, special tokens included, so the chat structure survives
             texts = [policy_tokenizer.decode(p + r, skip_special_tokens=False) for p, r in zip(prompts, responses)]
             rows = reward_tokenizer(texts, add_special_tokens=False)["input_ids"]
-        pad = reward_tokenizer.pad_token_id
-        width = max(len(r) for r in rows)
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=reward_model.device)
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=reward_model.device)
-        scores = reward_model_weight * reward_model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
+        scores = reward_model_weight * score_token_rows(reward_model, rows, reward_tokenizer.pad_token_id,
+                                                        batch_size=None)
         if weight and references is not None:
-            from pipeline.data.demo_tasks import verify
-
             answers = [policy_tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
             right = [verify(a, references.get(tuple(p), "\0")) for a, p in zip(answers, prompts)]
-            scores = scores + weight * torch.tensor(right, dtype=scores.dtype, device=scores.device)
-        return scores.cpu()
+            scores = scores + weight * torch.tensor(right, dtype=scores.dtype)
+        return scores
 
     return score
 
@@ -168,24 +163,21 @@ def run_ppo(args: PPOArguments, config: PPOConfig) -> Path:
                              reward_fn=reward_function(reward_model, reward_tokenizer, tokenizer, references,
                                                        args.verifier_weight, args.reward_model_weight),
                              prompts=prompts, ref_model=ref_model, ptx_data=ptx)
+        out.guard_resume(run_fingerprint({"stage": asdict(args), "ppo": asdict(config)},
+                                         [args.model_name_or_path, args.reward_model_path, args.value_model_path],
+                                         mixture))
         history = trainer.train(resume_from_checkpoint=latest_checkpoint(out.checkpoints_dir))  # resume if killed
         scores = [h["mean_score"] for h in history]
-        quarter = max(1, len(scores) // 4)
-        metrics = {"mean_reward_first": sum(scores[:quarter]) / quarter, "mean_reward": sum(scores[-quarter:]) / quarter,
-                   "final_kl": history[-1]["kl"] if history else None, "reward_history": scores,
-                   "samples": trainer.samples}
+        metrics = {**reward_trend(scores), "final_kl": history[-1]["kl"] if history else None,
+                   "reward_history": scores, "samples": trainer.samples}
         final = merged_for_saving(trainer.policy)
         if args.eval_demo_tasks:
-            metrics.update(demo_exact_match(final, tokenizer, args.eval_demo_tasks, config.seed))
+            metrics.update(held_out_demo_metrics(final, tokenizer, args.eval_demo_tasks))
         metrics["wall_seconds"] = round(time.monotonic() - started, 1)
         if trainer.accelerator.is_main_process:
-            shutil.rmtree(out.work / "initial-weights", ignore_errors=True)
-            final.save_pretrained(out.work)
-            tokenizer.save_pretrained(out.work)
-            out.finish(build_manifest(
-                "ppo", artifact="model", config={"stage": asdict(args), "ppo": asdict(config)},
-                parent_dir=args.model_name_or_path, base_model=args.model_name_or_path, tokenizer=tokenizer,
-                datasets=dataset_records(mixture, args) + ptx_records, metrics=metrics))
+            write_stage_output(out, "ppo", model=final, tokenizer=tokenizer, artifact="model",
+                               config={"stage": asdict(args), "ppo": asdict(config)}, parent=args.model_name_or_path,
+                               datasets=dataset_records(mixture, args) + ptx_records, metrics=metrics)
         trainer.accelerator.wait_for_everyone()
     print(f"PPO done: mean reward {metrics['mean_reward_first']:.3f} -> {metrics['mean_reward']:.3f}, "
           f"exact match {metrics.get('exact_match')}")

@@ -13,9 +13,9 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArgum
 
 from pipeline.data.packing import tokenize_and_pack
 from pipeline.data.tokenizer import load_tokenizer
-from pipeline.hub.manifest import check_parent
+from pipeline.artifacts import StageOutput, check_parent
 from pipeline.modeling import PipelineGPTConfig, PipelineGPTForCausalLM
-from pipeline.stages.common import StageOutput, check_distributed_setup
+from pipeline.stages.common import check_distributed_setup
 from pipeline.stages.training import (
     DataArguments, finish_stage, guards, on_cpu_only, resolve_mixture, train_resuming,
 )
@@ -71,7 +71,8 @@ def run_pretrain(args: PretrainArguments, training: TrainingArguments) -> Path:
         callbacks, limit, history = guards(args.max_seconds)
         trainer = Trainer(model=model, args=training, train_dataset=packed["train"], eval_dataset=packed.get("eval"),
                           data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), callbacks=callbacks)
-        result = train_resuming(trainer, out, training)
+        result = train_resuming(trainer, out, training, args=args, mixture=mixture,
+                                parents=[args.tokenizer_name_or_path])
         metrics = {"train_loss": result.training_loss}
         if "eval" in packed:
             eval_loss = trainer.evaluate()["eval_loss"]

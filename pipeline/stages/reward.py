@@ -12,9 +12,12 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
 from pipeline.data.tokenizer import load_tokenizer
-from pipeline.hub.manifest import check_parent, read_manifest
-from pipeline.stages.adapters import MethodArguments, count_trainable, load_for_method, merged_for_saving
-from pipeline.stages.common import StageOutput, check_distributed_setup
+from pipeline.adapters import (
+    MethodArguments, count_trainable, full_weights_dir, load_for_method, merged_for_saving,
+)
+from pipeline.artifacts import StageOutput, check_parent
+from pipeline.evaluation.evaluators import pairwise_reward_accuracy
+from pipeline.stages.common import check_distributed_setup
 from pipeline.stages.training import (
     DataArguments, finish_stage, guards, on_cpu_only, resolve_mixture, train_resuming,
 )
@@ -25,19 +28,6 @@ class RewardArguments(MethodArguments, DataArguments):
     model_name_or_path: str = field(default="outputs/demo/sft", metadata={"help": "an SFT output (full or adapter)"})
     overwrite: bool = field(default=False, metadata={"help": "replace a finished output_dir"})
     max_seconds: float | None = field(default=None, metadata={"help": "save and stop after this many seconds"})
-
-
-def full_weights_dir(path: str, scratch: Path) -> str:
-    """A folder holding full weights for `path`: itself, or (for a LoRA adapter) its merge written to `scratch`."""
-    manifest = read_manifest(path) if (Path(path) / "pipeline_manifest.json").exists() else {}
-    if manifest.get("artifact") != "adapter":
-        return path
-    from peft import AutoPeftModelForCausalLM
-
-    merged = AutoPeftModelForCausalLM.from_pretrained(path).merge_and_unload()
-    merged.save_pretrained(scratch)
-    load_tokenizer(path).save_pretrained(scratch)
-    return str(scratch)
 
 
 def run_reward(args: RewardArguments, training: RewardConfig) -> Path:
@@ -65,7 +55,7 @@ def run_reward(args: RewardArguments, training: RewardConfig) -> Path:
                                 train_dataset=Dataset.from_list(mixture.train),
                                 eval_dataset=Dataset.from_list(mixture.eval) if mixture.eval else None,
                                 callbacks=callbacks)
-        result = train_resuming(trainer, out, training)
+        result = train_resuming(trainer, out, training, args=args, parents=[args.model_name_or_path], mixture=mixture)
         metrics = {"train_loss": result.training_loss}
         if mixture.eval:
             metrics.update(pairwise_metrics(trainer.model, tokenizer, mixture.eval))
@@ -83,7 +73,5 @@ def run_reward(args: RewardArguments, training: RewardConfig) -> Path:
 @torch.no_grad()
 def pairwise_metrics(model, tokenizer, pairs: list[dict]) -> dict:
     """Held-out pairwise accuracy (chosen scored above rejected) and mean margin."""
-    from pipeline.evaluation.evaluators import pairwise_reward_accuracy
-
     result = pairwise_reward_accuracy(model, tokenizer, pairs)
     return {"reward_accuracy": result["accuracy"], "reward_margin": result["margin"]}

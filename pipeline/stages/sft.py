@@ -10,9 +10,10 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from pipeline.data.tokenizer import load_tokenizer
-from pipeline.hub.manifest import check_parent
-from pipeline.stages.adapters import MethodArguments, count_trainable, load_for_method
-from pipeline.stages.common import StageOutput, check_distributed_setup
+from pipeline.adapters import MethodArguments, count_trainable, load_for_method
+from pipeline.artifacts import StageOutput, check_parent
+from pipeline.evaluation.evaluators import held_out_demo_metrics
+from pipeline.stages.common import check_distributed_setup
 from pipeline.stages.training import (
     DataArguments, finish_stage, guards, on_cpu_only, resolve_mixture, train_resuming,
 )
@@ -55,12 +56,13 @@ def run_sft(args: SFTArguments, training: SFTConfig) -> Path:
                              train_dataset=Dataset.from_list(mixture.train),
                              eval_dataset=Dataset.from_list(mixture.eval) if mixture.eval else None,
                              callbacks=callbacks)
-        result = train_resuming(trainer, out, training)
+        result = train_resuming(trainer, out, training, args=args, mixture=mixture,
+                                parents=[args.model_name_or_path, args.tokenizer_name_or_path])
         metrics = {"train_loss": result.training_loss}
         if mixture.eval:
             metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
         if args.eval_demo_tasks:
-            metrics.update(demo_exact_match(trainer.model, tokenizer, args.eval_demo_tasks, training.seed))
+            metrics.update(held_out_demo_metrics(trainer.model, tokenizer, args.eval_demo_tasks))
         metrics.update(wall_seconds=round(time.monotonic() - started, 1), stopped_by_time_limit=limit.hit,
                        loss_history=history.points)
 
@@ -70,12 +72,3 @@ def run_sft(args: SFTArguments, training: SFTConfig) -> Path:
                      mixture=mixture, data=args, metrics=metrics)
     print(f"SFT done: { {k: v for k, v in metrics.items() if k != 'loss_history'} }")
     return destination
-
-
-def demo_exact_match(model, tokenizer, n: int, seed: int) -> dict:
-    """Exact match on `n` held-out demo tasks (chat prompts, greedy answers)."""
-    from pipeline.data.demo_tasks import eval_tasks
-    from pipeline.evaluation.evaluators import demo_exact_match as score
-
-    result = score(model, tokenizer, eval_tasks(n, seed=0), chat=True)
-    return {"exact_match": result["exact_match"], "exact_match_per_kind": result.get("per_kind", {})}

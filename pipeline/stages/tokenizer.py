@@ -8,8 +8,7 @@ from pathlib import Path
 
 from pipeline.data.formats import iter_texts
 from pipeline.data.tokenizer import train_tokenizer
-from pipeline.hub.manifest import build_manifest
-from pipeline.stages.common import StageOutput
+from pipeline.artifacts import StageOutput, build_manifest
 from pipeline.stages.training import DataArguments, dataset_records, resolve_mixture
 
 

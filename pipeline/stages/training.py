@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
+from pipeline.artifacts import MANIFEST_NAME, build_manifest, env_versions, file_sha256, latest_checkpoint
 from pipeline.data.mixing import Mixture, load_mixture
 
 
@@ -105,10 +108,30 @@ def guards(max_seconds: float | None) -> tuple[list, "TimeLimit", "LossHistory"]
     return [StopOnNonFiniteLoss(), limit, history], limit, history
 
 
-def train_resuming(trainer, out, training):
-    """`trainer.train()`, resuming from --resume_from_checkpoint or the latest complete checkpoint of this output."""
-    from pipeline.stages.common import latest_checkpoint
+# Keys that steer a run without changing what it learns: a resume may change them (e.g. a larger max_steps).
+RUN_CONTROL_KEYS = {"output_dir", "overwrite", "max_steps", "max_seconds", "resume_from_checkpoint", "eval_demo_tasks",
+                    "report_to", "run_name", "disable_tqdm", "dataloader_num_workers", "dataloader_persistent_workers",
+                    "ddp_timeout", "push_to_hub", "do_eval", "torch_empty_cache_steps", "cpu_threads"}
+RUN_CONTROL_PREFIXES = ("save_", "logging_", "log_", "eval_", "hub_", "per_device_eval_")
 
+
+def run_fingerprint(config: dict, parents: list[str | None], mixture) -> dict:
+    """What decides the weights a run produces: the resolved config without run-control keys (flattened to
+    "section.key"), the parents' manifest hashes, the data fingerprint, package versions."""
+    flat = {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()
+            if key not in RUN_CONTROL_KEYS and not key.startswith(RUN_CONTROL_PREFIXES)}
+    for i, parent in enumerate(p for p in parents if p):
+        manifest = Path(parent) / MANIFEST_NAME
+        flat[f"parent.{i}"] = f"{parent}@{file_sha256(manifest)[:16]}" if manifest.is_file() else str(parent)
+    flat["data"] = mixture.fingerprint()
+    flat.update({f"version.{name}": version for name, version in env_versions().items()})
+    return flat
+
+
+def train_resuming(trainer, out, training, *, args, parents: list[str | None], mixture):
+    """`trainer.train()`, resuming from --resume_from_checkpoint or the latest complete checkpoint of this output,
+    once `out.guard_resume` has checked that the interrupted run trained with the same settings, parents and data."""
+    out.guard_resume(run_fingerprint({"stage": asdict(args), "training": training.to_dict()}, parents, mixture))
     resume = training.resume_from_checkpoint
     if resume in (True, "true", "True"):
         resume = None  # "true" means: the latest checkpoint, which is what an unset value picks anyway
@@ -122,17 +145,21 @@ def finish_stage(trainer, out, stage: str, *, tokenizer, artifact: str, config: 
                  mixture, data: DataArguments, metrics: dict, model=None) -> None:
     """Save the model (`model`, or the trainer's) and tokenizer into the work folder, then write the manifest and
     move the folder into place; on the main process only, the others wait."""
-    import shutil
-
-    from pipeline.hub.manifest import build_manifest
-
     if model is None:
         trainer.save_model(str(out.work))  # every rank: FSDP and DeepSpeed gather the weights collectively
     if trainer.is_world_process_zero():
-        shutil.rmtree(out.work / "initial-weights", ignore_errors=True)
-        if model is not None:
-            model.save_pretrained(out.work)
-        tokenizer.save_pretrained(out.work)
-        out.finish(build_manifest(stage, artifact=artifact, config=config, parent_dir=parent, base_model=parent,
-                                  tokenizer=tokenizer, datasets=dataset_records(mixture, data), metrics=metrics))
+        write_stage_output(out, stage, model=model, tokenizer=tokenizer, artifact=artifact, config=config,
+                           parent=parent, datasets=dataset_records(mixture, data), metrics=metrics)
     trainer.accelerator.wait_for_everyone()
+
+
+def write_stage_output(out, stage: str, *, model, tokenizer, artifact: str, config: dict, parent: str | None,
+                       datasets: list[dict], metrics: dict) -> None:
+    """Main process only: drop the merged parent copy, save `model` (unless already saved: None) and the tokenizer
+    into the work folder, then write the manifest and move the folder into place."""
+    shutil.rmtree(out.work / "initial-weights", ignore_errors=True)
+    if model is not None:
+        model.save_pretrained(out.work)
+    tokenizer.save_pretrained(out.work)
+    out.finish(build_manifest(stage, artifact=artifact, config=config, parent_dir=parent, base_model=parent,
+                              tokenizer=tokenizer, datasets=datasets, metrics=metrics))

@@ -1,7 +1,9 @@
-"""Fine-tuning methods chosen in YAML: full, LoRA, QLoRA, freeze, prompt tuning.
+"""Fine-tuning methods chosen in YAML (full, LoRA, QLoRA, freeze, prompt tuning) and loading stage outputs with
+their adapters merged.
 
 `load_for_method` returns the model to train (a PEFT model for the adapter methods) so every stage that fine-tunes
-(SFT, reward, DPO) picks a method the same way.
+picks a method the same way; `merge_lora`, `full_weights_dir` and `merged_for_saving` are the one way a LoRA
+adapter is folded into full weights (by stages, `pipeline merge` and export alike).
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from pipeline.artifacts import artifact_kind
+from pipeline.data.tokenizer import load_tokenizer
 
 METHODS = ("full", "lora", "qlora", "freeze", "prompt_tuning")
 ADAPTER_METHODS = ("lora", "qlora", "prompt_tuning")
@@ -151,3 +156,24 @@ def merged_for_saving(model):
             raise ValueError("method: only LoRA adapters can be merged into a saved alignment model")
         return model.merge_and_unload()
     return model
+
+
+def merge_lora(adapter_dir: str | Path):
+    """The causal LM of a saved LoRA adapter folder, loaded on its recorded base with the adapter merged in."""
+    from peft import AutoPeftModelForCausalLM, PeftConfig
+
+    kind = PeftConfig.from_pretrained(str(adapter_dir)).peft_type
+    if kind != "LORA":
+        raise ValueError(f"{adapter_dir}: a {kind} adapter cannot be merged into the weights; only LoRA adapters can "
+                         "(prompt tuning keeps its virtual tokens)")
+    return AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir)).merge_and_unload()
+
+
+def full_weights_dir(path: str, scratch: Path) -> str:
+    """A folder holding full weights for `path`: itself, or (for a LoRA adapter stage output) its merge, written
+    with its tokenizer to `scratch`."""
+    if artifact_kind(path) != "adapter":
+        return path
+    merge_lora(path).save_pretrained(scratch)
+    load_tokenizer(path).save_pretrained(scratch)
+    return str(scratch)

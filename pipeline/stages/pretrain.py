@@ -8,17 +8,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from datasets import Dataset
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-from pipeline.data.packing import tokenize_and_pack
+from pipeline.data.prepare import Prepared, find_prepared, prepare_once
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.hub.manifest import check_parent
 from pipeline.modeling import PipelineGPTConfig, PipelineGPTForCausalLM
 from pipeline.stages.common import StageOutput, check_distributed_setup
-from pipeline.stages.training import (
-    DataArguments, finish_stage, guards, on_cpu_only, resolve_mixture, train_resuming,
-)
+from pipeline.stages.training import DataArguments, finish_stage, guards, mixture_spec, on_cpu_only, train_resuming
 
 
 @dataclass
@@ -34,6 +31,9 @@ class PretrainArguments(DataArguments):
     block_size: int = field(default=128, metadata={"help": "tokens per packed training block"})
     overwrite: bool = field(default=False, metadata={"help": "replace a finished output_dir"})
     max_seconds: float | None = field(default=None, metadata={"help": "save and stop after this many seconds"})
+    prepared_dir: str | None = field(default=None, metadata={
+        "help": "where prepared shards are kept (one folder per fingerprint); default: `prepared` beside output_dir"})
+    shard_blocks: int | None = field(default=None, metadata={"help": "blocks per shard; default: about 4M tokens"})
 
 
 def build_model(args: PretrainArguments, tokenizer) -> PipelineGPTForCausalLM:
@@ -51,6 +51,30 @@ def build_model(args: PretrainArguments, tokenizer) -> PipelineGPTForCausalLM:
     return PipelineGPTForCausalLM(config)
 
 
+def prepared_data(args: PretrainArguments, tokenizer, output_dir: str, *, reuse_only: bool = False
+                  ) -> Prepared | None:
+    """The stage's data prepared once (rank 0 prepares, the others wait), or with `reuse_only` the existing
+    preparation if there is one."""
+    spec = mixture_spec(args, default_test_size=0.02)
+    root = Path(args.prepared_dir) if args.prepared_dir else Path(output_dir).parent / "prepared"
+    options = dict(block_size=args.block_size, root=root, shard_blocks=args.shard_blocks)
+    if reuse_only:
+        return find_prepared(spec, tokenizer, **options)
+    return prepare_once(spec, tokenizer, tokenizer_path=args.tokenizer_name_or_path, **options)
+
+
+def prepare_from_config(config: str | Path, overrides: list[str] | None = None) -> Prepared:
+    """`pipeline data prepare --config STAGE.yaml [--key value …]`: the stage's own arguments, the stage's data."""
+    from pipeline.stages.common import parse_stage_args
+
+    args, training = parse_stage_args((PretrainArguments, TrainingArguments),
+                                      ["--config", str(config), *(overrides or [])])
+    if not Path(args.tokenizer_name_or_path).is_dir():
+        raise FileNotFoundError(f"{config}: tokenizer_name_or_path: {args.tokenizer_name_or_path} does not exist; "
+                                f"run the tokenizer stage first or pass --tokenizer_name_or_path DIR")
+    return prepared_data(args, load_tokenizer(args.tokenizer_name_or_path), training.output_dir)
+
+
 def run_pretrain(args: PretrainArguments, training: TrainingArguments) -> Path:
     check_distributed_setup(training)
     on_cpu_only(training)
@@ -58,10 +82,9 @@ def run_pretrain(args: PretrainArguments, training: TrainingArguments) -> Path:
     with StageOutput(training.output_dir, overwrite=args.overwrite) as out:
         tokenizer = load_tokenizer(args.tokenizer_name_or_path)
         check_parent(args.tokenizer_name_or_path, tokenizer)
-        mixture = resolve_mixture(args, default_test_size=0.02)
-        packed = {split: tokenize_and_pack(Dataset.from_list([{"text": r["text"]} for r in rows]), tokenizer,
-                                           block_size=args.block_size).dataset
-                  for split, rows in (("train", mixture.train), ("eval", mixture.eval)) if rows}
+        data = prepared_data(args, tokenizer, str(destination))
+        print(data.summary())
+        packed = {split: data.dataset(split) for split in data.manifest["splits"]}
         torch.manual_seed(training.seed)
         model = build_model(args, tokenizer)
         print(f"PipelineGPT ({args.preset}): {model.num_parameters() / 1e6:.2f}M parameters, "
@@ -83,6 +106,6 @@ def run_pretrain(args: PretrainArguments, training: TrainingArguments) -> Path:
                                        bos_token_id=tokenizer.bos_token_id)
         finish_stage(trainer, out, "pretrain", tokenizer=tokenizer, artifact="model",
                      config={"stage": asdict(args), "training": training.to_dict()},
-                     parent=args.tokenizer_name_or_path, mixture=mixture, data=args, metrics=metrics)
+                     parent=args.tokenizer_name_or_path, mixture=data, data=args, metrics=metrics)
     print(f"pretraining done: {metrics}")
     return destination

@@ -24,7 +24,8 @@ class DataArguments:
     dataset_format: str | None = field(default=None, metadata={"help": "force the input format of dataset_path"})
 
 
-def resolve_mixture(data: DataArguments, *, default_test_size: float | int = 0) -> Mixture:
+def mixture_spec(data: DataArguments, *, default_test_size: float | int = 0) -> dict[str, Any]:
+    """The `dataset` block with `--dataset_path` applied: what `load_mixture` and `prepare` read."""
     spec: dict[str, Any] = dict(data.dataset)
     if data.dataset_path:
         source = {"path": data.dataset_path}
@@ -34,7 +35,11 @@ def resolve_mixture(data: DataArguments, *, default_test_size: float | int = 0) 
     if not spec.get("sources"):
         raise ValueError("dataset: no sources; set dataset.sources in the YAML or pass --dataset_path PATH")
     spec.setdefault("test_size", default_test_size)
-    mixture = load_mixture(spec)
+    return spec
+
+
+def resolve_mixture(data: DataArguments, *, default_test_size: float | int = 0) -> Mixture:
+    mixture = load_mixture(mixture_spec(data, default_test_size=default_test_size))
     print(mixture.summary())
     return mixture
 

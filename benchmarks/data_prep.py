@@ -5,11 +5,20 @@ blocks and builds an Arrow dataset. Runs alternate and the median is reported; t
 
     python benchmarks/data_prep.py                                        # embedded demo corpus
     python benchmarks/data_prep.py --text ../shared/data/pretrain/tinyshakespeare.txt --repeats 5
+
+`--prepare_mb N` measures `pipeline.data.prepare` end to end instead (read + clean + dedup + tokenise + pack + write
+shards) on a generated corpus of N MB with planted near-duplicates, against raw encode_batch on the same text, with
+the peak RSS of the preparing process; then the planted near-duplicates' recall and precision on a sample.
+
+    python benchmarks/data_prep.py --prepare_mb 100
 """
 
 import argparse
 import json
 import platform
+import resource
+import subprocess
+import sys
 import statistics
 import tempfile
 import time
@@ -47,6 +56,102 @@ def ours_tokens_per_second(tokenizer, dataset, args) -> tuple[float, object]:
     return (packed.report.num_tokens - packed.report.num_documents) / seconds, packed.report
 
 
+def generated_documents(count: int, seed: int, planted_every: int = 50):
+    """Zipf-distributed made-up words, ~1 KB per document; every `planted_every`-th document copies an earlier one
+    with one word in 100 replaced (a near-duplicate above the 0.8 threshold). Yields (text, copied_index or None)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    syllables = ["ka", "lo", "mi", "ne", "ru", "ta", "shi", "po", "ve", "da", "gu", "fe", "zo", "bi", "ya"]
+    words = ["".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(5000)]
+    weights = 1 / np.arange(1, len(words) + 1)
+    weights /= weights.sum()
+    recent = []
+    for index in range(count):
+        if index % planted_every == planted_every - 1 and recent:
+            source, text = recent[rng.integers(len(recent))]
+            tokens = text.split()
+            for k in rng.choice(len(tokens), size=max(1, len(tokens) // 100), replace=False):
+                tokens[k] = "qux"
+            yield " ".join(tokens), source
+            continue
+        text = " ".join(rng.choice(words, size=int(rng.integers(120, 220)), p=weights)) + "."
+        recent = (recent + [(index, text)])[-1000:]
+        yield text, None
+
+
+def prepare_benchmark(args) -> dict:
+    """End-to-end preparation of a generated corpus, in a child process so its peak RSS is its own."""
+    import tempfile
+    from pathlib import Path
+
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="prepare-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    corpus = work / f"corpus-{args.prepare_mb:g}mb.jsonl"
+    docs, size = 0, 0
+    with open(corpus, "w") as f:
+        for text, _ in generated_documents(10**9, seed=0):
+            line = json.dumps({"text": text}) + "\n"
+            f.write(line)
+            docs, size = docs + 1, size + len(line)
+            if size >= args.prepare_mb * 1_000_000:
+                break
+    sample = [text for text, _ in generated_documents(2000, seed=0)]
+    tokenizer = train_tokenizer(sample, vocab_size=args.vocab_size, show_progress=False)
+    tokenizer.save_pretrained(work / "tokenizer")
+    backend, raw_tokens, start = tokenizer.backend_tokenizer, 0, time.perf_counter()
+    with open(corpus) as f:  # raw encode_batch over the same texts, in batches so the text is never all in memory
+        batch = []
+        for line in f:
+            batch.append(json.loads(line)["text"])
+            if len(batch) == 1000:
+                raw_tokens += sum(len(e.ids) for e in backend.encode_batch(batch, add_special_tokens=False))
+                batch = []
+        raw_tokens += sum(len(e.ids) for e in backend.encode_batch(batch, add_special_tokens=False))
+    raw_seconds = time.perf_counter() - start
+    child = ("import json, sys, time; from pipeline.data.prepare import prepare; "
+             "from pipeline.data.tokenizer import load_tokenizer; t = time.perf_counter(); "
+             "p = prepare({'sources': [{'path': sys.argv[1]}], 'test_size': 0}, load_tokenizer(sys.argv[2]), "
+             "block_size=int(sys.argv[3]), root=sys.argv[4]); "
+             "print(json.dumps({'seconds': time.perf_counter() - t, 'manifest': p.manifest}))")
+    out = subprocess.run([sys.executable, "-c", child, str(corpus), str(work / "tokenizer"), str(args.block_size),
+                          str(work / "prepared")], capture_output=True, text=True, check=True)
+    ours = json.loads(out.stdout.strip().splitlines()[-1])
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    train, report = ours["manifest"]["splits"]["train"], ours["manifest"]["report"]
+    ours_tokens = train["tokens"] - train["documents"]  # document tokens only, as raw counts them
+    return {"corpus_mb": round(size / 1e6, 1), "documents": docs, "raw_encode_batch_tok_s": round(raw_tokens / raw_seconds),
+            "prepare_seconds": round(ours["seconds"], 1),
+            "prepare_tok_s": round(ours_tokens / ours["seconds"]),
+            "ratio": round(ours_tokens / ours["seconds"] / (raw_tokens / raw_seconds), 3),
+            "peak_rss_mb": round(peak_mb), "dedup": report["dedup"], "cleaning": report["cleaning"],
+            "blocks": train["blocks"], "planted_near_duplicates": docs // 50,
+            **near_duplicate_quality(tokenizer, args.quality_docs)}
+
+
+def near_duplicate_quality(tokenizer, count: int) -> dict:
+    """Recall and precision of the planted near-duplicates among `count` generated documents, through the same
+    signatures and band search `prepare` uses (which documents were dropped is not kept by a preparation)."""
+    import numpy as np
+
+    from pipeline.data.minhash_index import Signer, find_duplicates
+    from pipeline.data.prepare import NEAR_DUP, _exact_keys, _TokenizerRun, tokenize_texts
+
+    docs = list(generated_documents(count, seed=1))
+    texts = [text for text, _ in docs]
+    signer = Signer(NEAR_DUP)
+    tokens, starts = tokenize_texts(_TokenizerRun(tokenizer), texts)
+    signatures = signer.signatures(tokens, starts)
+    bands = signer.band_keys(signatures)
+    parent, _ = find_duplicates(len(texts), _exact_keys(texts), lambda b: bands[:, b], signer.num_bands,
+                                lambda i: signatures[i], NEAR_DUP.threshold)
+    dropped = set(np.flatnonzero(parent != np.arange(len(texts))).tolist())
+    planted = {i for i, (_, source) in enumerate(docs) if source is not None}
+    hits = len(dropped & planted)
+    return {"quality_documents": count, "planted": len(planted), "dropped": len(dropped),
+            "recall": round(hits / len(planted), 4), "precision": round(hits / len(dropped), 4) if dropped else 1.0}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text", help="a text source (any format `pipeline data validate` reads); default: demo corpus")
@@ -55,7 +160,14 @@ def main(argv=None):
     parser.add_argument("--block_size", type=int, default=256)
     parser.add_argument("--num_proc", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prepare_mb", type=float, help="benchmark `prepare` end to end on a generated corpus")
+    parser.add_argument("--quality_docs", type=int, default=20000, help="documents for the near-duplicate check")
+    parser.add_argument("--work_dir", help="where the generated corpus and shards go (default: a temporary folder)")
     args = parser.parse_args(argv)
+    if args.prepare_mb:
+        result = prepare_benchmark(args)
+        print(json.dumps(result, indent=2))
+        return result
 
     datasets.disable_progress_bars()
     docs = documents(args)

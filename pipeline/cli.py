@@ -3,6 +3,8 @@
     pipeline data validate PATH [--format F] [--strict]      kept/dropped summary; exit 1 on a bad row in strict mode
     pipeline data convert PATH OUT.jsonl [--format F]        canonical rows as JSONL
     pipeline data inspect --config STAGE.yaml [-n N]         samples exactly as the trainer sees them
+    pipeline data inspect --prepared DIR [-n N]              prepared shards: counts, token totals, decoded blocks
+    pipeline data prepare --config STAGE.yaml [--key value]  pretraining data streamed into reusable shards
     pipeline data card PATH --out CARD.md --license L ...    a dataset card from measured statistics
     pipeline merge ADAPTER_DIR OUTPUT_DIR                    fold a LoRA adapter into a full model
 """
@@ -89,9 +91,21 @@ def data_card(args) -> int:
 
 
 def data_inspect(args) -> int:
-    from pipeline.stages.inspect import inspect_stage_config
+    from pipeline.stages.inspect import inspect_prepared, inspect_stage_config
 
-    print(inspect_stage_config(args.config, samples=args.samples, overrides=args.overrides, stage=args.stage))
+    if args.prepared:
+        print(inspect_prepared(args.prepared, samples=args.samples))
+    elif args.config:
+        print(inspect_stage_config(args.config, samples=args.samples, overrides=args.overrides, stage=args.stage))
+    else:
+        raise ValueError("pipeline data inspect: pass --config STAGE.yaml or --prepared DIR")
+    return 0
+
+
+def data_prepare(args) -> int:
+    from pipeline.stages.pretrain import prepare_from_config
+
+    print(prepare_from_config(args.config, args.overrides).summary())  # a bad shard: ValueError naming the file
     return 0
 
 
@@ -133,11 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     card.set_defaults(func=data_card)
 
     inspect = data_commands.add_parser("inspect", help="render samples exactly as a stage's trainer sees them")
-    inspect.add_argument("--config", required=True, help="a stage YAML, e.g. recipes/configs/demo/sft.yaml")
+    inspect.add_argument("--config", help="a stage YAML, e.g. recipes/configs/demo/sft.yaml")
+    inspect.add_argument("--prepared", help="a folder written by `pipeline data prepare`")
     inspect.add_argument("-n", "--samples", type=int, default=3)
     inspect.add_argument("--stage", help="the stage, when the config's file name does not start with it")
     inspect.set_defaults(overrides=[])  # any other --key value pairs override the config (see main)
     inspect.set_defaults(func=data_inspect)
+
+    prepare = data_commands.add_parser("prepare", help="stream a pretraining config's data into reusable shards")
+    prepare.add_argument("--config", required=True, help="a pretrain YAML, e.g. recipes/configs/demo/pretrain.yaml")
+    prepare.set_defaults(overrides=[])  # --dataset_path, --tokenizer_name_or_path, --output_dir, … as for the stage
+    prepare.set_defaults(func=data_prepare)
 
     merge_parser = commands.add_parser("merge", help="fold a LoRA adapter stage output into a full model")
     merge_parser.add_argument("adapter_dir", help="a stage output holding an adapter (its manifest names the base)")

@@ -22,6 +22,7 @@ TINY = {
 TINY.update({
     "pipeline data validate": "", "pipeline data convert": "", "pipeline data card": "",
     "pipeline data inspect": "--dataset_path demo:sft?n=50",
+    "pipeline data prepare": "--dataset_path demo:pretrain?n=150 --block_size 32",
     "python benchmarks/data_prep.py": "--documents 50 --vocab_size 300 --block_size 32 --repeats 1",
 })
 CHAIN_TINY = "--per_device_train_batch_size 4 --logging_steps 1"

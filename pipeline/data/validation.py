@@ -99,10 +99,22 @@ def load_rows(source: str, *, format: str | None = None, fields: Mapping[str, st
     first readable record. `fields` maps expected names to your keys, e.g. {"text": "paragraphs"}.
     `limit` stops after that many records (for previews).
     """
-    if format is not None and format not in FORMATS:
-        raise ValueError(f"format: unknown {format!r}; use one of {', '.join(FORMATS)}")
     report = ValidationReport(source=str(source))
     rows, origins = [], []
+    for row, origin in iter_rows(source, report, format=format, fields=fields, strict=strict, text_unit=text_unit,
+                                 split=split, name=name, streaming=streaming, limit=limit):
+        rows.append(row)
+        origins.append(origin)
+    return LoadResult(rows, origins, report)
+
+
+def iter_rows(source: str, report: ValidationReport, *, format: str | None = None,
+              fields: Mapping[str, str] | None = None, strict: bool = False, text_unit: str = "paragraph",
+              split: str = "train", name: str | None = None, streaming: bool = False,
+              limit: int | None = None) -> Iterator[tuple[dict[str, Any], Origin]]:
+    """`load_rows` one row at a time (memory does not grow with the source); counts go into `report`."""
+    if format is not None and format not in FORMATS:
+        raise ValueError(f"format: unknown {format!r}; use one of {', '.join(FORMATS)}")
     records = read_records(source, text_unit=text_unit, split=split, name=name, streaming=streaming)
     for record, fmt in _with_formats(records, format, fields):
         report.records += 1
@@ -121,12 +133,11 @@ def load_rows(source: str, *, format: str | None = None, fields: Mapping[str, st
             report.add_issue(issue)
             continue
         report.formats[fmt] += 1
-        rows += canonical
-        origins += [record.origin] * len(canonical)
         report.kept += len(canonical)
+        for row in canonical:
+            yield row, record.origin
         if limit is not None and report.records >= limit:
             break
-    return LoadResult(rows, origins, report)
 
 
 def _with_formats(records: Iterable[RawRecord], forced: str | None,

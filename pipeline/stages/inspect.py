@@ -59,6 +59,13 @@ def inspect_stage_config(config: str | Path, *, samples: int = 3, overrides: lis
         raise FileNotFoundError(f"{config}: {key}: {source} does not exist; inspect uses the tokenizer the stage "
                                 f"would load: run the earlier stage first or pass --{key} DIR")
     tokenizer = load_tokenizer(source)
+    if stage == "pretrain":  # shards already prepared for this config: show them, without reading the corpus
+        from pipeline.data.prepare import describe
+        from pipeline.stages.training import prepared_data
+
+        prepared = prepared_data(args, tokenizer, training.output_dir, reuse_only=True)
+        if prepared is not None:
+            return describe(prepared, tokenizer, samples=samples)
     mixture = resolve_mixture(args)
     rows = mixture.train
     limit = getattr(args, "block_size", None) if stage == "pretrain" else getattr(training, "max_length", None)
@@ -82,6 +89,17 @@ def inspect_stage_config(config: str | Path, *, samples: int = 3, overrides: lis
                 lines.append(f"[loss on] {trained!r}")
     lines.append(f"\n{truncated} of {len(rows)} rows exceed max_length {limit} and are cut (or filtered) by the trainer")
     return "\n".join(lines)
+
+
+def inspect_prepared(folder: str | Path, *, samples: int = 1) -> str:
+    """`pipeline data inspect --prepared DIR`: a preparation's counts, shards and decoded blocks."""
+    from pipeline.data.prepare import describe, open_prepared
+    from pipeline.data.tokenizer import load_tokenizer
+
+    prepared = open_prepared(folder)
+    source = prepared.manifest.get("tokenizer_name_or_path")
+    tokenizer = load_tokenizer(source) if source and Path(source).is_dir() else None
+    return describe(prepared, tokenizer, samples=samples)
 
 
 def _render_pretrain(rows: list[dict], tokenizer, block_size: int, samples: int) -> list[str]:

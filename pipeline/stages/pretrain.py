@@ -8,16 +8,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from datasets import Dataset
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-from pipeline.data.packing import tokenize_and_pack
-from pipeline.data.tokenizer import load_tokenizer
 from pipeline.artifacts import StageOutput, check_parent
+from pipeline.data.prepare import Prepared
+from pipeline.data.tokenizer import load_tokenizer
 from pipeline.modeling import PipelineGPTConfig, PipelineGPTForCausalLM
 from pipeline.stages.common import check_distributed_setup
 from pipeline.stages.training import (
-    DataArguments, finish_stage, guards, on_cpu_only, resolve_mixture, train_resuming,
+    DataArguments, finish_stage, guards, on_cpu_only, prepared_data, train_resuming,
 )
 
 
@@ -34,6 +33,9 @@ class PretrainArguments(DataArguments):
     block_size: int = field(default=128, metadata={"help": "tokens per packed training block"})
     overwrite: bool = field(default=False, metadata={"help": "replace a finished output_dir"})
     max_seconds: float | None = field(default=None, metadata={"help": "save and stop after this many seconds"})
+    prepared_dir: str | None = field(default=None, metadata={
+        "help": "where prepared shards are kept (one folder per fingerprint); default: `prepared` beside output_dir"})
+    shard_blocks: int | None = field(default=None, metadata={"help": "blocks per shard; default: about 4M tokens"})
 
 
 def build_model(args: PretrainArguments, tokenizer) -> PipelineGPTForCausalLM:
@@ -51,6 +53,18 @@ def build_model(args: PretrainArguments, tokenizer) -> PipelineGPTForCausalLM:
     return PipelineGPTForCausalLM(config)
 
 
+def prepare_from_config(config: str | Path, overrides: list[str] | None = None) -> Prepared:
+    """`pipeline data prepare --config STAGE.yaml [--key value …]`: the stage's own arguments, the stage's data."""
+    from pipeline.stages.common import parse_stage_args
+
+    args, training = parse_stage_args((PretrainArguments, TrainingArguments),
+                                      ["--config", str(config), *(overrides or [])])
+    if not Path(args.tokenizer_name_or_path).is_dir():
+        raise FileNotFoundError(f"{config}: tokenizer_name_or_path: {args.tokenizer_name_or_path} does not exist; "
+                                f"run the tokenizer stage first or pass --tokenizer_name_or_path DIR")
+    return prepared_data(args, load_tokenizer(args.tokenizer_name_or_path), training.output_dir)
+
+
 def run_pretrain(args: PretrainArguments, training: TrainingArguments) -> Path:
     check_distributed_setup(training)
     on_cpu_only(training)
@@ -58,10 +72,9 @@ def run_pretrain(args: PretrainArguments, training: TrainingArguments) -> Path:
     with StageOutput(training.output_dir, overwrite=args.overwrite) as out:
         tokenizer = load_tokenizer(args.tokenizer_name_or_path)
         check_parent(args.tokenizer_name_or_path, tokenizer)
-        mixture = resolve_mixture(args, default_test_size=0.02)
-        packed = {split: tokenize_and_pack(Dataset.from_list([{"text": r["text"]} for r in rows]), tokenizer,
-                                           block_size=args.block_size).dataset
-                  for split, rows in (("train", mixture.train), ("eval", mixture.eval)) if rows}
+        data = prepared_data(args, tokenizer, str(destination))
+        print(data.summary())
+        packed = {split: data.dataset(split) for split in data.manifest["splits"]}
         torch.manual_seed(training.seed)
         model = build_model(args, tokenizer)
         print(f"PipelineGPT ({args.preset}): {model.num_parameters() / 1e6:.2f}M parameters, "
@@ -71,7 +84,7 @@ def run_pretrain(args: PretrainArguments, training: TrainingArguments) -> Path:
         callbacks, limit, history = guards(args.max_seconds)
         trainer = Trainer(model=model, args=training, train_dataset=packed["train"], eval_dataset=packed.get("eval"),
                           data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), callbacks=callbacks)
-        result = train_resuming(trainer, out, training, args=args, mixture=mixture,
+        result = train_resuming(trainer, out, training, args=args, mixture=data,
                                 parents=[args.tokenizer_name_or_path])
         metrics = {"train_loss": result.training_loss}
         if "eval" in packed:
@@ -84,6 +97,6 @@ def run_pretrain(args: PretrainArguments, training: TrainingArguments) -> Path:
                                        bos_token_id=tokenizer.bos_token_id)
         finish_stage(trainer, out, "pretrain", tokenizer=tokenizer, artifact="model",
                      config={"stage": asdict(args), "training": training.to_dict()},
-                     parent=args.tokenizer_name_or_path, mixture=mixture, data=args, metrics=metrics)
+                     parent=args.tokenizer_name_or_path, mixture=data, data=args, metrics=metrics)
     print(f"pretraining done: {metrics}")
     return destination

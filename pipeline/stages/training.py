@@ -14,6 +14,7 @@ from transformers import TrainerCallback
 
 from pipeline.artifacts import MANIFEST_NAME, build_manifest, env_versions, file_sha256, latest_checkpoint
 from pipeline.data.mixing import Mixture, load_mixture
+from pipeline.data.prepare import Prepared, find_prepared, prepare_once
 
 
 @dataclass
@@ -27,7 +28,8 @@ class DataArguments:
     dataset_format: str | None = field(default=None, metadata={"help": "force the input format of dataset_path"})
 
 
-def resolve_mixture(data: DataArguments, *, default_test_size: float | int = 0) -> Mixture:
+def mixture_spec(data: DataArguments, *, default_test_size: float | int = 0) -> dict[str, Any]:
+    """The `dataset` block with `--dataset_path` applied: what `load_mixture` and `prepare` read."""
     spec: dict[str, Any] = dict(data.dataset)
     if data.dataset_path:
         source = {"path": data.dataset_path}
@@ -37,7 +39,11 @@ def resolve_mixture(data: DataArguments, *, default_test_size: float | int = 0) 
     if not spec.get("sources"):
         raise ValueError("dataset: no sources; set dataset.sources in the YAML or pass --dataset_path PATH")
     spec.setdefault("test_size", default_test_size)
-    mixture = load_mixture(spec)
+    return spec
+
+
+def resolve_mixture(data: DataArguments, *, default_test_size: float | int = 0) -> Mixture:
+    mixture = load_mixture(mixture_spec(data, default_test_size=default_test_size))
     print(mixture.summary())
     return mixture
 
@@ -50,6 +56,19 @@ def dataset_records(mixture: Mixture, data: DataArguments) -> list[dict]:
 
     return [{"name": str(s["path"]), "license": licence(s), "rows": mixture.sampled.get(str(s["path"])),
              "fingerprint": mixture.fingerprint()} for s in sources]
+
+
+def prepared_data(args, tokenizer, output_dir: str, *, reuse_only: bool = False
+                  ) -> Prepared | None:
+    """A pretraining stage's data (`args`: its arguments, with block_size, prepared_dir, shard_blocks and
+    tokenizer_name_or_path) prepared once (rank 0 prepares, the others wait), or with `reuse_only` the existing
+    preparation if there is one."""
+    spec = mixture_spec(args, default_test_size=0.02)
+    root = Path(args.prepared_dir) if args.prepared_dir else Path(output_dir).parent / "prepared"
+    options = dict(block_size=args.block_size, root=root, shard_blocks=args.shard_blocks)
+    if reuse_only:
+        return find_prepared(spec, tokenizer, **options)
+    return prepare_once(spec, tokenizer, tokenizer_path=args.tokenizer_name_or_path, **options)
 
 
 def on_cpu_only(training) -> None:

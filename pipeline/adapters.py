@@ -35,6 +35,9 @@ class MethodArguments:
     lora_train_special_tokens: bool = field(default=True, metadata={
         "help": "LoRA/QLoRA: also train the input embeddings of the tokenizer's special tokens (the chat role "
                 "markers a base model pretrained on plain text has never seen); the rest stays frozen"})
+    chat_template: str | None = field(default=None, metadata={
+        "help": "the tokenizer's own template (default), a built-in name (pipeline, chatml, llama3, zephyr, mistral, "
+                "gemma) or a path to a Jinja file; saved with the output's tokenizer"})
     num_virtual_tokens: int = field(default=16, metadata={"help": "prompt tuning: learned prefix length"})
     prompt_tuning_init_text: str | None = field(default=None, metadata={
         "help": "prompt tuning: initialise the prefix from this text's embeddings (random when unset)"})
@@ -72,6 +75,9 @@ def load_for_method(path: str, method: MethodArguments, tokenizer=None, model_cl
     if method.method == "qlora":
         kwargs["quantization_config"] = quantization_config()
     model = model_class.from_pretrained(path, **kwargs)
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        # a built-in chat template added its role tokens: new rows start at the mean embedding
+        model.resize_token_embeddings(len(tokenizer))
     task_type = "SEQ_CLS" if "SequenceClassification" in type(model).__name__ else "CAUSAL_LM"
     if method.method == "full":
         return model
@@ -89,9 +95,14 @@ def load_for_method(path: str, method: MethodArguments, tokenizer=None, model_cl
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     targets = method.lora_target_modules
     targets = targets if targets == "all-linear" else _names(targets)
+    train_tokens = special_token_ids(tokenizer) if method.lora_train_special_tokens else None
+    if train_tokens and task_type == "CAUSAL_LM" and getattr(model.config, "tie_word_embeddings", False):
+        # PEFT 0.21 wraps a tied output head in a TrainableTokensWrapper, which TRL 1.16's fused LM head cannot read
+        print("lora_train_special_tokens: off for a model with tied input and output embeddings (PEFT 0.21 with "
+              "TRL 1.16 cannot train them); special-token embeddings stay as loaded")
+        train_tokens = None
     config = LoraConfig(task_type=task_type, r=method.lora_r, lora_alpha=method.lora_alpha,
-                        lora_dropout=method.lora_dropout, target_modules=targets,
-                        trainable_token_indices=special_token_ids(tokenizer) if method.lora_train_special_tokens else None)
+                        lora_dropout=method.lora_dropout, target_modules=targets, trainable_token_indices=train_tokens)
     return get_peft_model(model, config)
 
 

@@ -46,7 +46,11 @@ class ResumeMismatchError(ValueError):
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:  # in blocks: weight files can be gigabytes
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def tokenizer_hash(tokenizer) -> str:
@@ -104,7 +108,7 @@ def build_manifest(stage: str, *, artifact: str, config: dict, parent_dir: str |
         parent = {"path": str(parent_dir), "stage": parent_manifest["stage"],
                   "manifest_sha256": file_sha256(Path(parent_dir) / MANIFEST_NAME)}
     elif parent_dir is not None:
-        parent = {"path": str(parent_dir), "stage": None, "manifest_sha256": None}
+        parent = {"path": str(parent_dir), "stage": None, "manifest_sha256": None, **outside_parent(parent_dir)}
     return _jsonable({
         "format": FORMAT, "stage": stage, "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "artifact": artifact, "parent": parent, "base_model": base_model,
@@ -113,6 +117,27 @@ def build_manifest(stage: str, *, artifact: str, config: dict, parent_dir: str |
         "datasets": list(datasets), "config": config, "versions": env_versions(), "git_commit": git_commit(),
         "metrics": metrics or {},
     })
+
+
+def outside_parent(path: str | os.PathLike) -> dict:
+    """What identifies a parent that is not a stage output: a local folder by the hashes of its config and weight
+    files, a Hub id by its revision (the commit of the cached snapshot, when one is cached)."""
+    folder = Path(path)
+    if folder.is_dir():
+        weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+        config = folder / "config.json"
+        return {"config_sha256": file_sha256(config) if config.is_file() else None,
+                "weights_sha256": {p.name: file_sha256(p) for p in weights}}
+    revision = None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(path), "config.json")
+        if isinstance(cached, str):
+            revision = Path(cached).parent.name  # .../snapshots/<commit>/config.json
+    except Exception:  # an id the cache cannot parse: no revision to record
+        revision = None
+    return {"hub_id": str(path), "revision": revision}
 
 
 def write_manifest(directory: str | os.PathLike, manifest: dict) -> Path:
@@ -144,6 +169,8 @@ def check_parent(parent_dir: str | os.PathLike, tokenizer=None, *, expect_artifa
     A plain Hugging Face folder (config.json, no manifest) is accepted with a warning: its lineage is unknown.
     """
     parent = Path(parent_dir)
+    if not parent.exists() and not str(parent_dir).startswith((".", "/", "~")) and str(parent_dir).count("/") == 1:
+        return None  # a Hub id: a third-party checkpoint, recorded by id and revision in the manifest
     if not (parent / MANIFEST_NAME).is_file():
         if (parent / "config.json").is_file() or (parent / "tokenizer.json").is_file():
             warnings.warn(f"{parent} has no {MANIFEST_NAME}: using it without lineage checks", stacklevel=2)

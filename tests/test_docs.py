@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO, SHARED_DATA, names_hub_data, with_local_standins
 
@@ -50,12 +51,20 @@ OUTPUT_FLAGS = {"python recipes/quickstart.py": "--output_dir"}
 LINKED = ("recipes", "benchmarks", "data_cards")  # what documented commands read, relative to the repository root
 
 
+# Hub model ids in the shipped configs, stood in for offline by tiny random checkpoints of the same family.
+HUB_MODEL_STANDINS = {"recipes/configs/hub/sft_lora.yaml": "qwen2"}
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A scratch root where documented commands run in README order: outputs/ chains between them and stays here."""
+    from families import save_family
+
     root = tmp_path_factory.mktemp("docs")
     for name in LINKED:
         (root / name).symlink_to(REPO / name)
+    for config, family in HUB_MODEL_STANDINS.items():
+        save_family(family, root / "standins" / family)
     return root
 
 
@@ -84,6 +93,12 @@ def run(command: str, tmp_path, cwd=REPO) -> subprocess.CompletedProcess:
     if prefix in OUTPUT_FLAGS:
         args += [OUTPUT_FLAGS[prefix], str(tmp_path / "out")]
     args = [with_local_standins(a) for a in args]
+    for config, family in HUB_MODEL_STANDINS.items():
+        if config in command:
+            args += ["--model_name_or_path", str(cwd / "standins" / family)]
+    config = next((REPO / a for a in args if a.startswith("recipes/configs/")), None)
+    if config and "bf16: true" in config.read_text() and not torch.cuda.is_available():
+        args += ["--bf16", "false"]  # GPU configs: transformers refuses bf16 on a CPU-only machine at parse time
     if args[:2] == ["accelerate", "launch"]:
         args = [sys.executable, "-m", "accelerate.commands.launch", *args[2:]]
     elif args[0] == "pipeline":

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from pipeline.data.chat_templates import stop_token_ids
 from pipeline.data.padding import padded_batch
 
 
@@ -28,7 +29,7 @@ def sample_answers(model, tokenizer, prompts: list[list[dict]], *, samples: int,
         ids, mask = (t.to(model.device) for t in padded_batch(rows, tokenizer.pad_token_id, side="left"))
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=0,
                              max_new_tokens=max_new_tokens, num_return_sequences=samples,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                             eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
         decoded = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
         answers += [[d.strip() for d in decoded[i * samples:(i + 1) * samples]] for i in range(len(chunk))]
     return answers

@@ -7,6 +7,8 @@ row is its EOS (or the last generated token when the row hit the length limit).
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 
@@ -101,14 +103,15 @@ class AdaptiveKLController:
         self.value, self.target, self.horizon = float(state["value"]), float(state["target"]), int(state["horizon"])
 
 
-def truncate_after_eos(response_ids: torch.Tensor, eos_id: int,
+def truncate_after_eos(response_ids: torch.Tensor, eos_id: int | Sequence[int],
                        pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pad every token after a row's first EOS; the EOS itself stays (it is an action the policy took).
+    """Pad every token after a row's first EOS; the EOS itself stays (it is an action the policy took). `eos_id`
+    may list several stop tokens (a chat template's end-of-turn token and eos): the first of any ends the row.
 
     Returns (ids, mask, has_eos): ids with `pad_id` after the first EOS, mask 1 up to and including it, and a bool
     per row telling whether an EOS was generated at all (rows without one ran into the length limit).
     """
-    is_eos = response_ids == eos_id
+    is_eos = torch.isin(response_ids, torch.as_tensor(eos_id, device=response_ids.device))
     eos_seen_before = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0  # strictly before this position
     mask = (~eos_seen_before).long()
     ids = response_ids.masked_fill(eos_seen_before, pad_id)

@@ -62,6 +62,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from pipeline.artifacts import latest_checkpoint
+from pipeline.data.chat_templates import stop_token_ids
 from pipeline.data.padding import padded_batch, padded_lm_batch
 
 from .ppo_core import (
@@ -225,6 +226,7 @@ class PPOTrainer:
         self.reward_fn = reward_fn
         self.prompts = self._check_prompts(prompts)
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.stop_ids = stop_token_ids(tokenizer)  # the chat template's end of turn, then eos
         if self.eos_id is None or self.pad_id is None:
             raise ValueError("PPOTrainer: the tokenizer needs eos_token_id and pad_token_id "
                              f"(got eos={self.eos_id}, pad={self.pad_id}); set tokenizer.pad_token")
@@ -264,7 +266,7 @@ class PPOTrainer:
             self.kl_controller = FixedKLController(config.init_kl_coef)
         self.generation_config = GenerationConfig(
             do_sample=True, temperature=config.temperature, top_k=config.top_k, top_p=1.0, repetition_penalty=1.0,
-            max_new_tokens=config.response_length, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+            max_new_tokens=config.response_length, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
         )
         self.step = 0
         self.history: list[dict] = []
@@ -383,7 +385,7 @@ class PPOTrainer:
         response = generated[:, query.shape[1]:]
         if response.shape[1] < length:  # every row stopped early
             response = nn.functional.pad(response, (0, length - response.shape[1]), value=self.pad_id)
-        response, response_mask, has_eos = truncate_after_eos(response, self.eos_id, self.pad_id)
+        response, response_mask, has_eos = truncate_after_eos(response, self.stop_ids, self.pad_id)
         input_ids = torch.cat([query, response], dim=1)
         attention_mask = torch.cat([query_mask, response_mask], dim=1)
         logits, values, _ = self.actor_critic(input_ids, attention_mask, length, self.config.temperature)

@@ -20,15 +20,18 @@ def verifier_reward(verify: Callable[[str, str], bool], answer_column: str = "an
     return verifier
 
 
-def missing_eos_penalty(eos_token_id: int, penalty: float = -1.0) -> Callable:
-    """`penalty` for a completion that never emitted EOS (cut at the length limit), else 0.0.
+def missing_eos_penalty(eos_token_id: int | list[int], penalty: float = -1.0) -> Callable:
+    """`penalty` for a completion that never emitted EOS (cut at the length limit), else 0.0. `eos_token_id` may list
+    several stop tokens (the chat template's end of turn and eos): any of them ends the completion.
 
     The chat template closes every turn with EOS, so a reward model scoring the rendered chat would otherwise see a
     clean ending on a truncated answer.
     """
 
+    stops = set(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else {eos_token_id}
+
     def missing_eos(prompts, completions, completion_ids, **columns):
-        return [0.0 if eos_token_id in ids else penalty for ids in completion_ids]
+        return [0.0 if stops.intersection(ids) else penalty for ids in completion_ids]
 
     missing_eos.__name__ = "missing_eos"
     return missing_eos

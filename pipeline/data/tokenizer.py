@@ -148,10 +148,18 @@ def train_tokenizer(
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerFast:
-    """Load a tokenizer saved with ``save_pretrained``; raises ``FileNotFoundError`` naming ``path`` if it is absent."""
-    path = Path(path)
-    if not path.is_dir():
+    """Load a tokenizer from a folder saved with ``save_pretrained`` or from a Hub id (``org/name``); raises
+    ``FileNotFoundError`` naming ``path`` if neither holds one."""
+    local = Path(path)
+    if local.is_dir():
+        if not (local / "tokenizer.json").is_file() and not (local / "tokenizer_config.json").is_file():
+            raise FileNotFoundError(f"{local} has no tokenizer.json; save the tokenizer with save_pretrained first")
+        return AutoTokenizer.from_pretrained(local)
+    text = str(path)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:
         raise FileNotFoundError(f"no saved tokenizer directory at {path}")
-    if not (path / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{path} has no tokenizer.json; save the tokenizer with save_pretrained first")
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(text)
+    except OSError as e:
+        raise FileNotFoundError(f"no saved tokenizer directory at {path}, and no Hub tokenizer {text!r} "
+                                f"could be loaded ({str(e).splitlines()[0]})") from None

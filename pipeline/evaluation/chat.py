@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 from threading import Thread
 
+from pipeline.data.chat_templates import stop_token_ids
+
 
 def load_chat_model(path: str | Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -34,7 +36,7 @@ def reply(model, tokenizer, history: list[dict], *, max_new_tokens: int = 128, t
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k} if temperature > 0 \
         else {"do_sample": False}
-    kwargs = dict(**inputs, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+    kwargs = dict(**inputs, max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tokenizer),
                   pad_token_id=tokenizer.pad_token_id, streamer=streamer, **sampling)
     worker = Thread(target=model.generate, kwargs=kwargs)
     worker.start()

@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from pipeline.data.chat_templates import stop_token_ids
 from pipeline.data.padding import IGNORE_INDEX, padded_batch, padded_lm_batch
 from pipeline.evaluation import load_metric
 
@@ -66,7 +67,7 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], *, chat: bool = Tru
             ids, mask = (t.to(model.device) for t in padded_batch(rows, tokenizer.pad_token_id, side="left"))
             stop = {} if chat else {"stop_strings": ["\n"], "tokenizer": tokenizer}
             out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **stop)
+                                 eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, **stop)
             texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
             # A token may carry text past the newline that stopped generation: cut there.
             answers += [(t if chat else t.split("\n")[0]).strip() for t in texts]

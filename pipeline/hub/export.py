@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 
 from pipeline.adapters import merge_lora
-from pipeline.artifacts import StageOutput, build_manifest, read_manifest
+from pipeline.artifacts import StageOutput, build_manifest, chat_template_hash, read_manifest
+from pipeline.data.chat_templates import ChatTemplateError, check_train_serve_parity, stop_token_ids
 from pipeline.hub.model_card import lineage, model_card
 
 FORMATS = ("pipeline", "llama")
@@ -39,20 +40,35 @@ def export_model(source: str | Path, output_dir: str | Path, *, format: str = "p
     model, tokenizer, head = _load(source)
     if format == "llama":
         model = _as_llama(model, head)
-    if head == "causal_lm":  # generation stops at EOS wherever the model is loaded
-        model.generation_config.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                       bos_token_id=tokenizer.bos_token_id)
+    if head == "causal_lm":
+        check_chat_template(source, manifest, tokenizer)
+        # generation stops at the end of turn (and eos) wherever the model is loaded
+        stops = stop_token_ids(tokenizer)
+        model.generation_config.update(eos_token_id=stops[0] if len(stops) == 1 else stops,
+                                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
     with StageOutput(output_dir, overwrite=overwrite) as out:
         model.save_pretrained(out.work)  # safetensors; PipelineGPT adds auto_map and its two modeling files
         tokenizer.save_pretrained(out.work)
         chain = lineage(source)
         (out.work / "pipeline_lineage.json").write_text(json.dumps(chain, indent=2, ensure_ascii=False) + "\n")
-        card = model_card(chain, head=head, format=format, repo_id=repo_id)
+        card = model_card(chain, head=head, format=format, repo_id=repo_id, model_type=model.config.model_type)
         card.save(out.work / "README.md")
         out.finish(build_manifest("export", artifact="model", config={"source": str(source), "format": format},
                                   parent_dir=source, base_model=manifest.get("base_model"), tokenizer=tokenizer,
                                   datasets=manifest.get("datasets", []), metrics=manifest.get("metrics", {})))
     return Path(output_dir)
+
+
+def check_chat_template(source: Path, manifest: dict, tokenizer) -> None:
+    """The exported tokenizer serves with the template the model was trained with, and that template renders
+    prompts exactly as training saw them (see `check_train_serve_parity`)."""
+    recorded = manifest.get("chat_template_hash")
+    if recorded and chat_template_hash(tokenizer) != recorded:
+        raise ChatTemplateError(f"{source}: the tokenizer's chat template differs from the one this model was trained "
+                                f"with (hash {chat_template_hash(tokenizer)[:12]} vs {recorded[:12]} in "
+                                f"{source / 'pipeline_manifest.json'}); restore the trained tokenizer files")
+    if tokenizer.chat_template:
+        check_train_serve_parity(tokenizer)
 
 
 def _as_llama(model, head: str):

@@ -33,7 +33,11 @@ def licences(chain: list[dict]) -> list[str]:
     return sorted({d["license"] for entry in chain for d in entry.get("datasets") or [] if d.get("license")})
 
 
-def model_card(chain: list[dict], *, head: str, format: str, repo_id: str | None = None) -> ModelCard:
+def model_card(chain: list[dict], *, head: str, format: str, repo_id: str | None = None,
+               model_type: str = "pipeline_gpt") -> ModelCard:
+    """The card of an export; `model_type` other than ours (a third-party family fine-tuned here) loads without
+    remote code."""
+    native = format == "llama" or model_type != "pipeline_gpt"
     found = licences(chain)
     datasets = sorted({d["name"] for entry in chain for d in entry.get("datasets") or [] if _HUB_ID.match(d["name"])})
     bases = [e["base_model"] for e in chain if e.get("base_model") and _HUB_ID.match(str(e["base_model"]))]
@@ -47,15 +51,16 @@ def model_card(chain: list[dict], *, head: str, format: str, repo_id: str | None
                                       metric_value=float(value)))
     data = ModelCardData(
         license=found[0] if len(found) == 1 else "other", library_name="transformers",
-        tags=["pipeline-gpt", "custom_code", chain[0]["stage"] if chain else "model"]
-        + (["llama"] if format == "llama" else []),
+        tags=(["pipeline-gpt", "custom_code"] if not native else [])
+        + [chain[0]["stage"] if chain else "model"] + (["llama"] if format == "llama" else [])
+        + ([model_type] if model_type != "pipeline_gpt" else []),
         datasets=datasets or None, base_model=bases[0] if bases else None,
         pipeline_tag="text-generation" if head == "causal_lm" else "text-classification",
         model_name=repo_id or "pipeline-gpt", eval_results=results or None,
     )
-    loading = ("AutoModelForCausalLM.from_pretrained(repo)" if format == "llama" else
-               "AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)") if head == "causal_lm" else \
-        "AutoModelForSequenceClassification.from_pretrained(repo, trust_remote_code=True)"
+    remote = "" if native else ", trust_remote_code=True"
+    loading = (f"AutoModelForCausalLM.from_pretrained(repo{remote})" if head == "causal_lm" else
+               f"AutoModelForSequenceClassification.from_pretrained(repo{remote})")
     rows = "\n".join(f"| {e['stage']} | {e['artifact']} | {e['created']} | "
                      f"{', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in e['metrics'].items() if k in METRIC_NAMES or k == 'wall_seconds')} |"
                      for e in chain)
@@ -64,8 +69,8 @@ def model_card(chain: list[dict], *, head: str, format: str, repo_id: str | None
     body = f"""
 # {repo_id or 'PipelineGPT model'}
 
-A PipelineGPT {'causal language model' if head == 'causal_lm' else 'sequence classifier'}
-{'exported as a plain `LlamaForCausalLM`' if format == 'llama' else 'with its modeling code included'}.
+A {'PipelineGPT' if model_type == 'pipeline_gpt' else model_type} {'causal language model' if head == 'causal_lm' else 'sequence classifier'}
+{'exported as a plain `LlamaForCausalLM`' if format == 'llama' else 'with its modeling code included' if not native else 'in its native transformers architecture'}.
 
 ```python
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer

@@ -15,7 +15,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 from trl import DPOConfig, DPOTrainer
 
-from pipeline.data.tokenizer import load_tokenizer
+from pipeline.data.chat_templates import load_chat_tokenizer
 from pipeline.adapters import (
     MethodArguments, count_trainable, full_weights_dir, load_for_method, merged_for_saving,
 )
@@ -23,7 +23,7 @@ from pipeline.artifacts import StageOutput, check_parent
 from pipeline.evaluation.evaluators import held_out_demo_metrics
 from pipeline.stages.common import check_distributed_setup
 from pipeline.stages.training import (
-    DataArguments, finish_stage, guards, on_cpu_only, resolve_mixture, train_resuming,
+    DataArguments, finish_stage, guards, on_cpu_only, resolve_mixture, rows_dropped_by_trainer, train_resuming,
 )
 
 
@@ -66,7 +66,7 @@ def run_dpo(args: DPOArguments, training: DPOConfig) -> Path:
     on_cpu_only(training)
     started, destination = time.monotonic(), Path(training.output_dir)
     with StageOutput(training.output_dir, overwrite=args.overwrite) as out:
-        tokenizer = load_tokenizer(args.model_name_or_path)
+        tokenizer = load_chat_tokenizer(args.model_name_or_path, args.chat_template)
         check_parent(args.model_name_or_path, tokenizer)
         mixture = resolve_mixture(args, default_test_size=0.05)
         base = full_weights_dir(args.model_name_or_path, out.work / "initial-weights")
@@ -82,8 +82,9 @@ def run_dpo(args: DPOArguments, training: DPOConfig) -> Path:
         trainer = DPOTrainer(model=model, ref_model=ref_model, args=training, processing_class=tokenizer,
                              train_dataset=Dataset.from_list(train),
                              eval_dataset=Dataset.from_list(evals) if evals else None, callbacks=callbacks)
+        dropped_rows = rows_dropped_by_trainer(trainer, train, evals, training.max_length)
         result = train_resuming(trainer, out, training, args=args, parents=[args.model_name_or_path], mixture=mixture)
-        metrics = {"train_loss": result.training_loss, **pair_counts}
+        metrics = {"train_loss": result.training_loss, **pair_counts, **dropped_rows}
         if evals:
             evaluated = trainer.evaluate()
             metrics.update({k.removeprefix("eval_"): v for k, v in evaluated.items()

@@ -11,6 +11,7 @@ from transformers import AutoModelForSequenceClassification
 from trl import GRPOConfig, GRPOTrainer
 
 from pipeline.alignment.rewards import missing_eos_penalty, verifier_reward
+from pipeline.data.chat_templates import load_chat_tokenizer, stop_token_ids
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.adapters import MethodArguments, full_weights_dir, load_for_method, merged_for_saving
 from pipeline.artifacts import StageOutput, check_parent
@@ -42,7 +43,7 @@ def reward_functions(args: GRPOArguments, tokenizer) -> tuple[list, list]:
             funcs.append(verifier_reward(verify, "answer"))
             processing.append(None)
         elif name == "missing_eos":
-            funcs.append(missing_eos_penalty(tokenizer.eos_token_id))
+            funcs.append(missing_eos_penalty(stop_token_ids(tokenizer)))
             processing.append(None)
         elif name == "reward_model":
             if not args.reward_model_path:
@@ -63,7 +64,7 @@ def run_grpo(args: GRPOArguments, training: GRPOConfig) -> Path:
     on_cpu_only(training)
     started, destination = time.monotonic(), Path(training.output_dir)
     with StageOutput(training.output_dir, overwrite=args.overwrite) as out:
-        tokenizer = load_tokenizer(args.model_name_or_path)
+        tokenizer = load_chat_tokenizer(args.model_name_or_path, args.chat_template)
         check_parent(args.model_name_or_path, tokenizer)
         mixture = resolve_mixture(args)
         if mixture.canonical_format != "prompt_completion":

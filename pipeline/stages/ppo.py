@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from pipeline.alignment.ppo_trainer import PPOConfig, PPOTrainer
 from pipeline.data.mixing import load_mixture
+from pipeline.data.chat_templates import assistant_tokens, load_chat_tokenizer
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.adapters import MethodArguments, full_weights_dir, load_for_method, merged_for_saving
 from pipeline.artifacts import StageOutput, check_parent, latest_checkpoint, tokenizer_hash
@@ -79,10 +80,8 @@ def ptx_rows(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
     out = []
     for row in rows:
         if "messages" in row:
-            encoded = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
-                                                    return_assistant_tokens_mask=True)
-            ids = encoded["input_ids"]
-            labels = [t if m else -100 for t, m in zip(ids, encoded["assistant_masks"])]
+            ids, mask = assistant_tokens(tokenizer, row["messages"])
+            labels = [t if m else -100 for t, m in zip(ids, mask)]
         elif "completion" in row:
             if isinstance(row["prompt"], str):
                 prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
@@ -134,7 +133,7 @@ def run_ppo(args: PPOArguments, config: PPOConfig) -> Path:
         torch.set_num_threads(args.cpu_threads)
     started, destination = time.monotonic(), Path(config.output_dir)
     with StageOutput(config.output_dir, overwrite=args.overwrite) as out:
-        tokenizer = load_tokenizer(args.model_name_or_path)
+        tokenizer = load_chat_tokenizer(args.model_name_or_path, args.chat_template)
         check_parent(args.model_name_or_path, tokenizer)
         reward_tokenizer = load_tokenizer(args.reward_model_path)
         check_parent(args.reward_model_path, reward_tokenizer, expect_artifact="model")

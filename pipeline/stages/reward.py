@@ -11,7 +11,7 @@ from datasets import Dataset
 from transformers import AutoConfig, AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
-from pipeline.data.tokenizer import load_tokenizer
+from pipeline.data.chat_templates import load_chat_tokenizer
 from pipeline.adapters import (
     MethodArguments, count_trainable, full_weights_dir, load_for_method, merged_for_saving,
 )
@@ -19,7 +19,7 @@ from pipeline.artifacts import StageOutput, check_parent
 from pipeline.evaluation.evaluators import pairwise_reward_accuracy
 from pipeline.stages.common import check_distributed_setup
 from pipeline.stages.training import (
-    DataArguments, finish_stage, guards, on_cpu_only, resolve_mixture, train_resuming,
+    DataArguments, finish_stage, guards, on_cpu_only, resolve_mixture, rows_dropped_by_trainer, train_resuming,
 )
 
 
@@ -37,7 +37,7 @@ def run_reward(args: RewardArguments, training: RewardConfig) -> Path:
     on_cpu_only(training)
     started, destination = time.monotonic(), Path(training.output_dir)
     with StageOutput(training.output_dir, overwrite=args.overwrite) as out:
-        tokenizer = load_tokenizer(args.model_name_or_path)
+        tokenizer = load_chat_tokenizer(args.model_name_or_path, args.chat_template)
         check_parent(args.model_name_or_path, tokenizer)
         mixture = resolve_mixture(args, default_test_size=0.05)
         if mixture.canonical_format != "preference":
@@ -55,8 +55,9 @@ def run_reward(args: RewardArguments, training: RewardConfig) -> Path:
                                 train_dataset=Dataset.from_list(mixture.train),
                                 eval_dataset=Dataset.from_list(mixture.eval) if mixture.eval else None,
                                 callbacks=callbacks)
+        dropped_rows = rows_dropped_by_trainer(trainer, mixture.train, mixture.eval, training.max_length)
         result = train_resuming(trainer, out, training, args=args, parents=[args.model_name_or_path], mixture=mixture)
-        metrics = {"train_loss": result.training_loss}
+        metrics = {"train_loss": result.training_loss, **dropped_rows}
         if mixture.eval:
             metrics.update(pairwise_metrics(trainer.model, tokenizer, mixture.eval))
         metrics.update(wall_seconds=round(time.monotonic() - started, 1), stopped_by_time_limit=limit.hit,

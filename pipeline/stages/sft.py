@@ -9,13 +9,13 @@ from pathlib import Path
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from pipeline.data.tokenizer import load_tokenizer
+from pipeline.data.chat_templates import has_generation_markers, load_chat_tokenizer, tokenize_for_assistant_loss
 from pipeline.adapters import MethodArguments, count_trainable, load_for_method
 from pipeline.artifacts import StageOutput, check_parent
 from pipeline.evaluation.evaluators import held_out_demo_metrics
 from pipeline.stages.common import check_distributed_setup
 from pipeline.stages.training import (
-    DataArguments, finish_stage, guards, on_cpu_only, resolve_mixture, train_resuming,
+    DataArguments, finish_stage, guards, on_cpu_only, resolve_mixture, rows_dropped_by_trainer, train_resuming,
 )
 
 
@@ -34,7 +34,7 @@ def run_sft(args: SFTArguments, training: SFTConfig) -> Path:
     on_cpu_only(training)
     started, destination = time.monotonic(), Path(training.output_dir)
     with StageOutput(training.output_dir, overwrite=args.overwrite) as out:
-        tokenizer = load_tokenizer(args.tokenizer_name_or_path or args.model_name_or_path)
+        tokenizer = load_chat_tokenizer(args.tokenizer_name_or_path or args.model_name_or_path, args.chat_template)
         check_parent(args.model_name_or_path, tokenizer, expect_artifact="model")
         mixture = resolve_mixture(args, default_test_size=0.02)
         if mixture.canonical_format not in ("messages", "prompt_completion", "text"):
@@ -52,13 +52,26 @@ def run_sft(args: SFTArguments, training: SFTConfig) -> Path:
 
         training.output_dir = str(out.checkpoints_dir)
         callbacks, limit, history = guards(args.max_seconds)
+        train_rows, eval_rows, dropped = mixture.train, mixture.eval, 0
+        own_masks = training.assistant_only_loss and not has_generation_markers(tokenizer.chat_template)
+        if own_masks:  # TRL masks only templates with {% generation %} markers; locate the replies ourselves
+            train_rows, dropped = tokenize_for_assistant_loss(train_rows, tokenizer, training.max_length)
+            eval_rows, dropped_eval = tokenize_for_assistant_loss(eval_rows, tokenizer, training.max_length)
+            dropped += dropped_eval
+            print(f"assistant-only loss: reply tokens located through the chat template; {dropped} rows with no "
+                  f"reply token within max_length={training.max_length} dropped")
+            training.assistant_only_loss = False  # TRL builds labels from our assistant_masks column instead
         trainer = SFTTrainer(model=model, args=training, processing_class=tokenizer,
-                             train_dataset=Dataset.from_list(mixture.train),
-                             eval_dataset=Dataset.from_list(mixture.eval) if mixture.eval else None,
+                             train_dataset=Dataset.from_list(train_rows),
+                             eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
                              callbacks=callbacks)
+        training.assistant_only_loss = training.assistant_only_loss or own_masks  # the setting the run used
+        dropped_rows = rows_dropped_by_trainer(trainer, train_rows, eval_rows, training.max_length)
         result = train_resuming(trainer, out, training, args=args, mixture=mixture,
                                 parents=[args.model_name_or_path, args.tokenizer_name_or_path])
-        metrics = {"train_loss": result.training_loss}
+        metrics = {"train_loss": result.training_loss, **dropped_rows}
+        if own_masks:
+            metrics["rows_without_reply_tokens"] = dropped
         if mixture.eval:
             metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
         if args.eval_demo_tasks:

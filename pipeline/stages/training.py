@@ -127,6 +127,22 @@ def guards(max_seconds: float | None) -> tuple[list, "TimeLimit", "LossHistory"]
     return [StopOnNonFiniteLoss(), limit, history], limit, history
 
 
+def rows_dropped_by_trainer(trainer, train_rows: list, eval_rows: list, max_length: int | None) -> dict:
+    """Rows TRL's dataset preparation removed (pairs longer than max_length, rows with no trained token), counted
+    and said; an error when nothing is left to train on."""
+    counts = {}
+    for split, rows, prepared in (("train", train_rows, trainer.train_dataset),
+                                  ("eval", eval_rows, trainer.eval_dataset)):
+        if rows and prepared is not None and len(prepared) < len(rows):
+            counts[split] = len(rows) - len(prepared)
+            print(f"{split}: {counts[split]} of {len(rows)} rows dropped in preparation (longer than "
+                  f"max_length={max_length} tokens, or nothing to train on)")
+    if train_rows and trainer.train_dataset is not None and len(trainer.train_dataset) == 0:
+        raise ValueError(f"max_length: all {len(train_rows)} training rows are longer than max_length={max_length} "
+                         f"tokens; raise max_length")
+    return {f"rows_dropped_{k}": v for k, v in counts.items()}
+
+
 # Keys that steer a run without changing what it learns: a resume may change them (e.g. a larger max_steps).
 RUN_CONTROL_KEYS = {"output_dir", "overwrite", "max_steps", "max_seconds", "resume_from_checkpoint", "eval_demo_tasks",
                     "report_to", "run_name", "disable_tqdm", "dataloader_num_workers", "dataloader_persistent_workers",

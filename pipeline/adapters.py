@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from pipeline.artifacts import artifact_kind
+from pipeline.data.chat_templates import stop_token_ids
 from pipeline.data.tokenizer import load_tokenizer
 
 METHODS = ("full", "lora", "qlora", "freeze", "prompt_tuning")
@@ -78,6 +79,10 @@ def load_for_method(path: str, method: MethodArguments, tokenizer=None, model_cl
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
         # a built-in chat template added its role tokens: new rows start at the mean embedding
         model.resize_token_embeddings(len(tokenizer))
+    if tokenizer is not None and getattr(model, "generation_config", None) is not None:
+        # generation (ours, TRL's GRPO, whoever loads the saved output) stops at the template's end of turn too
+        stops = stop_token_ids(tokenizer)
+        model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
     task_type = "SEQ_CLS" if "SequenceClassification" in type(model).__name__ else "CAUSAL_LM"
     if method.method == "full":
         return model

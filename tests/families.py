@@ -81,11 +81,12 @@ def family_tokenizer(family: str) -> PreTrainedTokenizerFast:
 FAMILIES = ("llama", "qwen2", "mistral", "gpt2")
 
 
-def family_config(family: str, vocab_size: int, tokenizer):
+def family_config(family: str, vocab_size: int, tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4,
+                  kv_heads: int = 2):
     from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
-    shape = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    shape = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                 num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     if family == "llama":
         return LlamaConfig(**shape, tie_word_embeddings=False)
@@ -93,7 +94,7 @@ def family_config(family: str, vocab_size: int, tokenizer):
         return Qwen2Config(**shape, tie_word_embeddings=True)
     if family == "mistral":
         return MistralConfig(**shape, sliding_window=None, tie_word_embeddings=False)
-    return GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+    return GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256,
                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
 
 

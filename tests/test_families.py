@@ -188,6 +188,9 @@ def test_family_chain_to_an_export_that_loads_without_remote_code(family, method
     manifest = json.loads((sft / "pipeline_manifest.json").read_text())
     assert manifest["parent"]["stage"] is None and len(manifest["parent"]["config_sha256"]) == 64
     assert list(manifest["parent"]["weights_sha256"]) == ["model.safetensors"]
+    if method != "lora":  # a full SFT output generates up to the end of turn wherever it is loaded
+        eos = json.loads((sft / "generation_config.json").read_text())["eos_token_id"]
+        assert (eos if isinstance(eos, list) else [eos]) == stop_token_ids(load_chat_tokenizer(str(sft)))
     if method == "lora":
         from pipeline.stages.merge import merge_adapter
 

@@ -277,3 +277,19 @@ def test_qlora_from_the_hub_config_on_a_tied_family(tmp_path, capsys):
     manifest = json.loads((out / "pipeline_manifest.json").read_text())
     assert (manifest["artifact"], manifest["config"]["stage"]["method"]) == ("adapter", "qlora")
     assert "lora_train_special_tokens: off for a model with tied input and output embeddings" in capsys.readouterr().out
+
+
+def test_inspect_a_base_model_names_the_key_then_shows_the_chosen_template(tmp_path, capsys):
+    from pipeline.cli import main
+
+    base = save_family("gpt2", tmp_path / "base")
+    capsys.readouterr()
+    config = tmp_path / "sft.yaml"
+    config.write_text(f"model_name_or_path: {base}\ndataset: {{sources: [{{path: 'demo:sft?n=10'}}], test_size: 0}}\n"
+                      "assistant_only_loss: true\n")
+    assert main(["data", "inspect", "--config", str(config), "-n", "1"]) != 0
+    assert capsys.readouterr().err.splitlines()[-1].startswith("error: chat_template: the tokenizer has no chat template")
+    assert main(["data", "inspect", "--config", str(config), "-n", "1", "--chat_template", "zephyr"]) == 0
+    out = capsys.readouterr().out
+    assert "<|user|>" in out.split("[loss on]")[0]
+    assert out.split("[loss on]")[1].splitlines()[0].endswith("<|endoftext|>'")  # zephyr closes replies with eos

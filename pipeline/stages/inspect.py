@@ -55,10 +55,16 @@ def inspect_stage_config(config: str | Path, *, samples: int = 3, overrides: lis
     args, training = parse_stage_args(_stage_types(stage), ["--config", str(config), *(overrides or [])])
     key = "tokenizer_name_or_path" if getattr(args, "tokenizer_name_or_path", None) else "model_name_or_path"
     source = getattr(args, key)
-    if not Path(source).is_dir():
+    try:
+        tokenizer = load_tokenizer(source)  # a folder or a Hub id
+    except FileNotFoundError:
         raise FileNotFoundError(f"{config}: {key}: {source} does not exist; inspect uses the tokenizer the stage "
-                                f"would load: run the earlier stage first or pass --{key} DIR")
-    tokenizer = load_tokenizer(source)
+                                f"would load: run the earlier stage first or pass --{key} DIR") from None
+    if stage not in ("pretrain", "tokenizer", "classify"):  # the stage's chat template choice, as the stage applies it
+        from pipeline.data.chat_templates import ensure_pad_token, use_chat_template
+
+        use_chat_template(tokenizer, getattr(args, "chat_template", None))
+        ensure_pad_token(tokenizer)
     if stage == "pretrain":  # shards already prepared for this config: show them, without reading the corpus
         from pipeline.data.prepare import describe
         from pipeline.stages.training import prepared_data
@@ -124,12 +130,12 @@ def _chat(tokenizer, messages: list[dict], *, generation_prompt: bool = False) -
 def _render_row(row: dict, tokenizer, assistant_only: bool):
     """(text as the model sees it, token id lists, the part that carries loss or None when all of it does)."""
     if "messages" in row:
-        encoded = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
-                                                return_assistant_tokens_mask=True)
-        ids = encoded["input_ids"]
+        from pipeline.data.chat_templates import assistant_tokens
+
+        ids, mask = assistant_tokens(tokenizer, row["messages"])
         trained = None
         if assistant_only:
-            trained = tokenizer.decode([t for t, m in zip(ids, encoded["assistant_masks"]) if m])
+            trained = tokenizer.decode([t for t, m in zip(ids, mask) if m])
         return tokenizer.decode(ids), [ids], trained
     if "chosen" in row:  # preference: the trainer sees prompt + chosen and prompt + rejected
         prompt = row.get("prompt") or []

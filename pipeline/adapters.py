@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from pipeline.artifacts import artifact_kind
+from pipeline.artifacts import artifact_kind, write_once
 from pipeline.data.chat_templates import stop_token_ids
 from pipeline.data.tokenizer import load_tokenizer
 
@@ -190,6 +190,11 @@ def full_weights_dir(path: str, scratch: Path) -> str:
     with its tokenizer to `scratch`."""
     if artifact_kind(path) != "adapter":
         return path
-    merge_lora(path).save_pretrained(scratch)
-    load_tokenizer(path).save_pretrained(scratch)
+
+    def merge() -> None:
+        merge_lora(path).save_pretrained(scratch)
+        load_tokenizer(path).save_pretrained(scratch)
+        (Path(scratch) / ".merged").touch()  # last: a folder without it is a merge cut short
+
+    write_once(merge, done=lambda: (Path(scratch) / ".merged").is_file())  # rank 0 merges, the others wait
     return str(scratch)

@@ -26,7 +26,7 @@ import warnings
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 MANIFEST_NAME = "pipeline_manifest.json"
 FINGERPRINT_NAME = "run_fingerprint.json"  # in <output_dir>.incomplete: what the interrupted run trained with
@@ -275,3 +275,19 @@ class StageOutput:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         return False  # on error the work folder stays for a resume; nothing is renamed
+
+
+def write_once(write: Callable[[], Any], *, done: Callable[[], bool]) -> None:
+    """Run `write()` on the main process only (when `done()` says the result is not there yet), then let every
+    process continue: a folder all ranks read is written once, not by every rank at the same path."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if not done():
+            write()
+        return
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # without GPUs, the CPU process group (gloo)
+    if state.is_main_process and not done():
+        write()
+    state.wait_for_everyone()

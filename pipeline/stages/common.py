@@ -128,15 +128,24 @@ def _has_gpu() -> bool:
 
 
 def check_distributed_setup(training=None) -> None:
-    """Refuse to run N independent copies: WORLD_SIZE > 1 but Accelerate did not set up a process group.
+    """Refuse an FSDP or DeepSpeed launch on a machine without GPUs (Accelerate would fall back to CPU DDP without a
+    word), and N independent copies: WORLD_SIZE > 1 but Accelerate did not set up a process group.
 
     Pass the training arguments: Accelerate's process state is created once, and on a machine without GPUs it
     joins the CPU process group only when created with cpu=True (as Trainer does for use_cpu).
     """
+    import torch
+
+    engine = next((name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+                   if os.environ.get(var, "").lower() in ("1", "true")), None)
+    if engine and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"the Accelerate config asks for {engine}, which needs GPUs, and this machine has none: Accelerate would "
+            f"quietly train plain CPU data parallel instead. Use `accelerate launch --config_file "
+            f"recipes/accelerate/cpu_ddp.yaml` for CPU processes, or run on GPUs")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return
-    import torch
     from accelerate import PartialState
     from accelerate.utils import DistributedType
 
@@ -147,3 +156,4 @@ def check_distributed_setup(training=None) -> None:
             f"WORLD_SIZE={world} but Accelerate runs {state.num_processes} process(es) of type "
             f"{state.distributed_type}: each process would train its own copy. On CPU use "
             f"`accelerate launch --config_file recipes/accelerate/cpu_ddp.yaml`; FSDP and DeepSpeed need GPUs")
+

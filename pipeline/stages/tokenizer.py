@@ -8,7 +8,8 @@ from pathlib import Path
 
 from pipeline.data.formats import iter_texts
 from pipeline.data.tokenizer import train_tokenizer
-from pipeline.artifacts import StageOutput, build_manifest
+from pipeline.artifacts import StageOutput, build_manifest, write_once
+from pipeline.stages.common import check_distributed_setup
 from pipeline.stages.training import DataArguments, dataset_records, resolve_mixture
 
 
@@ -25,6 +26,13 @@ class TokenizerArguments(DataArguments):
 
 
 def run_tokenizer(args: TokenizerArguments) -> Path:
+    """Train and write the tokenizer, on the main process alone when several are launched (the others wait)."""
+    check_distributed_setup(None)
+    write_once(lambda: _train(args), done=lambda: False)
+    return Path(args.output_dir)
+
+
+def _train(args: TokenizerArguments) -> None:
     started = time.monotonic()
     with StageOutput(args.output_dir, overwrite=args.overwrite) as out:
         mixture = resolve_mixture(args)
@@ -42,4 +50,3 @@ def run_tokenizer(args: TokenizerArguments) -> Path:
         out.finish(build_manifest("tokenizer", artifact="tokenizer", config={"stage": asdict(args)},
                                   tokenizer=tokenizer, datasets=dataset_records(mixture, args), metrics=metrics))
     print(f"tokenizer: {metrics}")
-    return Path(args.output_dir)

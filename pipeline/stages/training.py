@@ -181,6 +181,9 @@ def finish_stage(trainer, out, stage: str, *, tokenizer, artifact: str, config: 
     """Save the model (`model`, or the trainer's) and tokenizer into the work folder, then write the manifest and
     move the folder into place; on the main process only, the others wait."""
     if model is None:
+        fsdp = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+        if fsdp is not None:  # checkpoints may be sharded per rank; the output is one full model
+            fsdp.set_state_dict_type("FULL_STATE_DICT")
         trainer.save_model(str(out.work))  # every rank: FSDP and DeepSpeed gather the weights collectively
     if trainer.is_world_process_zero():
         write_stage_output(out, stage, model=model, tokenizer=tokenizer, artifact=artifact, config=config,

@@ -72,6 +72,8 @@ def run_dpo(args: DPOArguments, training: DPOConfig) -> Path:
         base = full_weights_dir(args.model_name_or_path, out.work / "initial-weights")
         model = load_for_method(base, args, tokenizer, seed=training.seed)
         ref_model = None if args.is_adapter else AutoModelForCausalLM.from_pretrained(base)
+        if args.on_policy_samples:  # sample on this process's accelerator, not on the CPU copy the loader made
+            (ref_model or model).to(training.device)
         train, evals, pair_counts = preference_rows(args, mixture, ref_model or model, tokenizer, training.seed)
         trainable, total = count_trainable(model)
         print(f"DPO ({args.method}, loss {training.loss_type}, beta {training.beta}): training "

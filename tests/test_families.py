@@ -293,3 +293,20 @@ def test_inspect_a_base_model_names_the_key_then_shows_the_chosen_template(tmp_p
     out = capsys.readouterr().out
     assert "<|user|>" in out.split("[loss on]")[0]
     assert out.split("[loss on]")[1].splitlines()[0].endswith("<|endoftext|>'")  # zephyr closes replies with eos
+
+
+def test_a_hub_parent_is_recorded_by_id_and_cached_revision(tmp_path, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    from pipeline.artifacts import build_manifest
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "models--acme--tiny-chat" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "models--acme--tiny-chat" / "refs").mkdir()
+    (tmp_path / "models--acme--tiny-chat" / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    parent = build_manifest("sft", artifact="model", config={}, parent_dir="acme/tiny-chat")["parent"]
+    assert parent == {"path": "acme/tiny-chat", "stage": None, "manifest_sha256": None, "hub_id": "acme/tiny-chat",
+                      "revision": commit}

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from pipeline.artifacts import artifact_kind, write_once
 from pipeline.data.chat_templates import stop_token_ids
 from pipeline.data.tokenizer import load_tokenizer
+from pipeline.errors import ConfigError
 
 METHODS = ("full", "lora", "qlora", "freeze", "prompt_tuning")
 ADAPTER_METHODS = ("lora", "qlora", "prompt_tuning")
@@ -45,7 +46,7 @@ class MethodArguments:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(f"method: {self.method!r} is not one of {', '.join(METHODS)}")
+            raise ConfigError(f"method: {self.method!r} is not one of {', '.join(METHODS)}")
 
     @property
     def is_adapter(self) -> bool:
@@ -132,7 +133,7 @@ def check_cpu_4bit_shapes(model) -> None:
 
     for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit) and module.in_features % CPU_4BIT_BLOCK:
-            raise ValueError(
+            raise ConfigError(
                 f"method: qlora on CPU needs every quantised layer's input size to be a multiple of "
                 f"{CPU_4BIT_BLOCK}, but {name} takes {module.in_features}; use hidden_size and intermediate_size "
                 f"multiples of {CPU_4BIT_BLOCK}, a GPU, or method: lora")
@@ -142,12 +143,12 @@ def freeze_all_but(model, last_layers: int, module_names: list[str]):
     """Train only the last `last_layers` decoder layers and parameters whose names contain one of `module_names`."""
     layers = model.model.layers
     if not 0 <= last_layers <= len(layers):
-        raise ValueError(f"freeze_trainable_layers: {last_layers} is not between 0 and the model's {len(layers)} layers")
+        raise ConfigError(f"freeze_trainable_layers: {last_layers} is not between 0 and the model's {len(layers)} layers")
     trainable = {f"model.layers.{i}." for i in range(len(layers) - last_layers, len(layers))}
     for name, param in model.named_parameters():
         param.requires_grad = any(name.startswith(p) for p in trainable) or any(m in name for m in module_names)
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("freeze: nothing left to train; raise freeze_trainable_layers or name modules to train")
+        raise ConfigError("freeze: nothing left to train; raise freeze_trainable_layers or name modules to train")
     return model
 
 
@@ -169,7 +170,7 @@ def merged_for_saving(model):
 
     if isinstance(model, PeftModel):
         if type(model.peft_config[model.active_adapter]).__name__ != "LoraConfig":
-            raise ValueError("method: only LoRA adapters can be merged into a saved alignment model")
+            raise ConfigError("method: only LoRA adapters can be merged into a saved alignment model")
         return model.merge_and_unload()
     return model
 
@@ -180,7 +181,7 @@ def merge_lora(adapter_dir: str | Path):
 
     kind = PeftConfig.from_pretrained(str(adapter_dir)).peft_type
     if kind != "LORA":
-        raise ValueError(f"{adapter_dir}: a {kind} adapter cannot be merged into the weights; only LoRA adapters can "
+        raise ConfigError(f"{adapter_dir}: a {kind} adapter cannot be merged into the weights; only LoRA adapters can "
                          "(prompt tuning keeps its virtual tokens)")
     return AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir)).merge_and_unload()
 

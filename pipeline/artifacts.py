@@ -1,6 +1,6 @@
 """Stage artifacts, the bottom layer: atomic output folders, lineage manifests, hashes, checkpoint discovery.
 
-Stages, hub and evaluation import this module; it imports nothing of the package.
+Stages, hub and evaluation import this module; it imports nothing of the package but `pipeline.errors`.
 
     with StageOutput(output_dir, overwrite=False) as out:
         ...train with checkpoints in out.checkpoints_dir, save into out.work...
@@ -28,17 +28,19 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from pipeline.errors import UserError
+
 MANIFEST_NAME = "pipeline_manifest.json"
 FINGERPRINT_NAME = "run_fingerprint.json"  # in <output_dir>.incomplete: what the interrupted run trained with
 FORMAT = 1
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "bitsandbytes", "pipeline")
 
 
-class LineageError(ValueError):
+class LineageError(UserError, ValueError):
     """A stage was pointed at a parent it cannot safely continue from."""
 
 
-class ResumeMismatchError(ValueError):
+class ResumeMismatchError(UserError, ValueError):
     """An interrupted run's checkpoints were made with other settings, parents or data than this run's."""
 
 

@@ -7,6 +7,10 @@
     pipeline data prepare --config STAGE.yaml [--key value]  pretraining data streamed into reusable shards
     pipeline data card PATH --out CARD.md --license L ...    a dataset card from measured statistics
     pipeline merge ADAPTER_DIR OUTPUT_DIR                    fold a LoRA adapter into a full model
+    pipeline env                                             versions and hardware, to paste into a bug report
+
+A mistake you can fix (a config key, a path, a data file, a stage's lineage) prints one `error:` line and exits 1;
+add --debug (or set PIPELINE_DEBUG=1) to see its traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import sys
 from pathlib import Path
 
 from pipeline.data.formats import FORMATS
+from pipeline.errors import ConfigError, did_you_mean, run_entry_point
 from pipeline.hub.commands import register_commands
 
 
@@ -27,7 +32,7 @@ def _field_map(items: list[str] | None) -> dict[str, str] | None:
     out = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"--field {item!r}: expected NAME=YOUR_KEY, e.g. --field text=paragraphs")
+            raise ConfigError(f"--field {item!r}: expected NAME=YOUR_KEY, e.g. --field text=paragraphs")
         name, key = item.split("=", 1)
         out[name] = key
     return out
@@ -98,7 +103,7 @@ def data_inspect(args) -> int:
     elif args.config:
         print(inspect_stage_config(args.config, samples=args.samples, overrides=args.overrides, stage=args.stage))
     else:
-        raise ValueError("pipeline data inspect: pass --config STAGE.yaml or --prepared DIR")
+        raise ConfigError("pipeline data inspect: pass --config STAGE.yaml or --prepared DIR")
     return 0
 
 
@@ -116,9 +121,18 @@ def merge(args) -> int:
     return 0
 
 
+def env(args) -> int:
+    from pipeline.env_report import environment_report
+
+    print(environment_report())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Taken off the command line wherever it stands (pipeline.errors.run_entry_point); listed here for --help.
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     data = commands.add_parser("data", help="validate, convert, inspect datasets; write dataset cards")
@@ -165,22 +179,37 @@ def build_parser() -> argparse.ArgumentParser:
     merge_parser.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
     merge_parser.set_defaults(func=merge)
 
+    env_parser = commands.add_parser("env", help="versions, accelerate config and hardware for a bug report")
+    env_parser.set_defaults(func=env)
+
     register_commands(commands)  # export, push, chat, report: they live beside the code they drive
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _leaf_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+    """The (sub)parser of the command that was given, e.g. the one of `pipeline data validate`."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
+            return _leaf_parser(action.choices[getattr(args, action.dest)], args)
+    return parser
+
+
+def _run(argv: list[str]) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and getattr(args, "overrides", None) is not None:
         args.overrides = list(args.overrides) + extra
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    try:
-        return args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        leaf = _leaf_parser(parser, args)
+        known = [s for a in leaf._actions for s in a.option_strings if s.startswith("--")]
+        leaf.error("; ".join(f"{x}: unknown flag{did_you_mean(x.split('=', 1)[0], known)}"
+                                    if x.startswith("-") else f"unexpected argument {x!r}" for x in extra))
+    return args.func(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """User errors (pipeline.errors) print `error: message` and return 1; `--debug` shows their traceback."""
+    return run_entry_point(_run, argv)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
     accelerate launch recipes/classify.py --config recipes/configs/demo/classify.yaml [--key value ...]
 """
 
-from transformers import TrainingArguments
+import sys
 
-from pipeline.stages.classify import ClassifyArguments, run_classify
+from pipeline.errors import run_entry_point
+from pipeline.stages.classify import ClassifyArguments, TrainingArguments, run_classify  # TrainingArguments: transformers'
 from pipeline.stages.common import parse_stage_args
 
 
@@ -15,4 +16,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_entry_point(main))

@@ -6,16 +6,16 @@ reward -> PPO and DPO -> evaluation -> export -> clean-process load; writes outp
 
 import sys
 
-from transformers import HfArgumentParser
-
+from pipeline.errors import run_entry_point
 from pipeline.stages.chain import ChainArguments, gather_repeated, run_chain
+from pipeline.stages.common import parse_stage_args
 
 
 def main(argv=None):
     argv = gather_repeated("--set", list(sys.argv[1:] if argv is None else argv))
-    (args,) = HfArgumentParser(ChainArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse_stage_args((ChainArguments,), argv)
     run_chain(args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_entry_point(main))

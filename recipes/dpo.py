@@ -3,10 +3,11 @@
     accelerate launch recipes/dpo.py --config recipes/configs/demo/dpo.yaml [--loss_type ipo] [--key value ...]
 """
 
-from trl import DPOConfig
+import sys
 
+from pipeline.errors import run_entry_point
 from pipeline.stages.common import parse_stage_args
-from pipeline.stages.dpo import DPOArguments, run_dpo
+from pipeline.stages.dpo import DPOArguments, DPOConfig, run_dpo  # DPOConfig: TRL's
 
 
 def main(argv=None):
@@ -15,4 +16,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_entry_point(main))

@@ -3,10 +3,11 @@
     accelerate launch recipes/grpo.py --config recipes/configs/demo/grpo.yaml [--reward_model_path DIR] [--key value ...]
 """
 
-from trl import GRPOConfig
+import sys
 
+from pipeline.errors import run_entry_point
 from pipeline.stages.common import parse_stage_args
-from pipeline.stages.grpo import GRPOArguments, run_grpo
+from pipeline.stages.grpo import GRPOArguments, GRPOConfig, run_grpo  # GRPOConfig: TRL's
 
 
 def main(argv=None):
@@ -15,4 +16,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_entry_point(main))

@@ -3,6 +3,9 @@
     accelerate launch recipes/ppo.py --config recipes/configs/demo/ppo.yaml [--reward_model_path DIR] [--key value ...]
 """
 
+import sys
+
+from pipeline.errors import run_entry_point
 from pipeline.stages.common import parse_stage_args
 from pipeline.stages.ppo import PPOArguments, PPOConfig, run_ppo
 
@@ -13,4 +16,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_entry_point(main))

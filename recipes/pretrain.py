@@ -3,10 +3,11 @@
     accelerate launch recipes/pretrain.py --config recipes/configs/demo/pretrain.yaml [--key value ...]
 """
 
-from transformers import TrainingArguments
+import sys
 
+from pipeline.errors import run_entry_point
 from pipeline.stages.common import parse_stage_args
-from pipeline.stages.pretrain import PretrainArguments, run_pretrain
+from pipeline.stages.pretrain import PretrainArguments, TrainingArguments, run_pretrain  # TrainingArguments: transformers'
 
 
 def main(argv=None):
@@ -15,4 +16,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_entry_point(main))

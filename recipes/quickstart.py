@@ -7,18 +7,15 @@ The output folder holds the model (loadable with AutoModelForCausalLM, trust_rem
 
 import sys
 
-from transformers import HfArgumentParser
-
+from pipeline.errors import run_entry_point
+from pipeline.stages.common import parse_stage_args
 from pipeline.stages.quickstart import QuickstartArguments, run_quickstart
 
 
 def main(argv=None) -> None:
-    (args,) = HfArgumentParser(QuickstartArguments).parse_args_into_dataclasses(argv)
-    try:
-        run_quickstart(args)
-    except FileExistsError as error:
-        sys.exit(str(error))
+    (args,) = parse_stage_args((QuickstartArguments,), argv)
+    run_quickstart(args)  # an existing output_dir without --overwrite true: one `error:` line, exit 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_entry_point(main))

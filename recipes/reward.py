@@ -3,10 +3,11 @@
     accelerate launch recipes/reward.py --config recipes/configs/demo/reward.yaml [--key value ...]
 """
 
-from trl import RewardConfig
+import sys
 
+from pipeline.errors import run_entry_point
 from pipeline.stages.common import parse_stage_args
-from pipeline.stages.reward import RewardArguments, run_reward
+from pipeline.stages.reward import RewardArguments, RewardConfig, run_reward  # RewardConfig: TRL's
 
 
 def main(argv=None):
@@ -15,4 +16,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_entry_point(main))

@@ -3,10 +3,11 @@
     accelerate launch recipes/sft.py --config recipes/configs/demo/sft.yaml [--method lora] [--key value ...]
 """
 
-from trl import SFTConfig
+import sys
 
+from pipeline.errors import run_entry_point
 from pipeline.stages.common import parse_stage_args
-from pipeline.stages.sft import SFTArguments, run_sft
+from pipeline.stages.sft import SFTArguments, SFTConfig, run_sft  # SFTConfig: TRL's
 
 
 def main(argv=None):
@@ -15,4 +16,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_entry_point(main))

@@ -3,6 +3,9 @@
     accelerate launch recipes/tokenizer.py --config recipes/configs/demo/tokenizer.yaml [--key value ...]
 """
 
+import sys
+
+from pipeline.errors import run_entry_point
 from pipeline.stages.common import parse_stage_args
 from pipeline.stages.tokenizer import TokenizerArguments, run_tokenizer
 
@@ -13,4 +16,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_entry_point(main))

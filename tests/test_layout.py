@@ -8,7 +8,7 @@ from conftest import REPO
 
 PACKAGE = REPO / "pipeline"
 # Lower number = lower floor. A module may import its own package or anything on a lower floor.
-FLOORS = {"artifacts": 0, "modeling": 0, "data": 1, "adapters": 2, "alignment": 2, "evaluation": 2, "hub": 3,
+FLOORS = {"errors": -1, "artifacts": 0, "modeling": 0, "data": 1, "env_report": 1, "adapters": 2, "alignment": 2, "evaluation": 2, "hub": 3,
           "stages": 4, "cli": 5}
 STAGE_HELPERS = {"common", "training", "__init__"}  # shared stage machinery, importable by every stage module
 
@@ -38,7 +38,7 @@ MODULES = sorted(p for p in PACKAGE.rglob("*.py") if "metrics" not in p.parts)
 def test_imports_point_down(path):
     own = room("pipeline." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts))
     if own in ("", "__init__"):
-        return  # the package face registers the model family and nothing else
+        return  # the package face registers the model family (and drops one third-party warning), nothing else
     assert own in FLOORS, f"{path.relative_to(REPO)}: a new room; give it a floor in tests/test_layout.py"
     for line, module in pipeline_imports(path):
         target = room(module) or "modeling"  # `import pipeline` only registers the model family
@@ -58,7 +58,8 @@ def test_no_stage_module_imports_another(path):
 
 
 def test_the_bottom_layer_imports_nothing_of_the_package():
-    assert pipeline_imports(PACKAGE / "artifacts.py") == []
+    assert pipeline_imports(PACKAGE / "errors.py") == []
+    assert {module for _, module in pipeline_imports(PACKAGE / "artifacts.py")} <= {"pipeline.errors"}
 
 
 def test_modeling_files_are_self_contained():

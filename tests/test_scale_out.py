@@ -61,11 +61,12 @@ def test_multi_node_config_as_two_machines_on_one_host_equals_one_process(tokeni
 
 
 def test_the_engine_check_reads_what_accelerate_launch_sets(monkeypatch):
+    from pipeline.errors import LaunchError
     from pipeline.stages.common import check_distributed_setup
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(RuntimeError, match="asks for DeepSpeed, which needs GPUs"):
+    with pytest.raises(LaunchError, match="asks for DeepSpeed, which needs GPUs"):
         check_distributed_setup(None)
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     check_distributed_setup(None)  # one plain process: nothing to refuse

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pipeline.data.tokenizer import CHAT_TEMPLATE, load_tokenizer
+from pipeline.errors import ConfigError
 
 # Built-in templates, written for training: each turn renders the same whether or not later turns follow, and an
 # assistant turn ends with an end-of-turn token the model learns to emit. The special tokens each one needs are
@@ -64,7 +65,7 @@ BUILTIN_TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
 _PROBE_REPLY = "Zq7 reply"  # an unlikely reply, found again in the rendering to see what follows it
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(ConfigError):
     """A chat template that is missing, unknown, or cannot be used for assistant-only training."""
 
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Iterator, Mapping
 
+from pipeline.errors import DataError
+
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
@@ -38,7 +40,7 @@ CANONICAL = {"text": "text", "poetry": "text", "alpaca": "messages", "sharegpt":
 FORMATS = tuple(CANONICAL)
 
 
-class RowProblem(ValueError):
+class RowProblem(DataError):
     """A row that cannot be used: which field, what is wrong, how to fix it."""
 
     def __init__(self, field: str, problem: str, fix: str):

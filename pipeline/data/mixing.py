@@ -28,6 +28,7 @@ from pipeline.data.cleaning import CleanReport, clean_rows
 from pipeline.data.dedup import ContaminationReport, DedupReport, dedup_rows, train_eval_split
 from pipeline.data.formats import iter_texts
 from pipeline.data.validation import DataValidationError, ValidationReport, load_rows
+from pipeline.errors import ConfigError
 
 SOURCE_KEYS = {"path", "fraction", "rows", "format", "fields", "split", "name", "streaming", "text_unit", "license"}
 MIXTURE_KEYS = {"sources", "seed", "test_size", "dedup", "clean", "strict"}
@@ -70,7 +71,7 @@ def _row_text(row: Mapping[str, Any]) -> str:
 def _check_keys(spec: Mapping, allowed: set[str], where: str) -> None:
     unknown = sorted(set(spec) - allowed)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
 
 
 def load_mixture(spec: Mapping[str, Any], *, where: str = "dataset") -> Mixture:
@@ -78,7 +79,7 @@ def load_mixture(spec: Mapping[str, Any], *, where: str = "dataset") -> Mixture:
     _check_keys(spec, MIXTURE_KEYS, where)
     sources: Sequence[Mapping] = spec.get("sources") or []
     if not sources:
-        raise ValueError(f"{where}.sources: empty; list at least one source with a `path`")
+        raise ConfigError(f"{where}.sources: empty; list at least one source with a `path`")
     seed = int(spec.get("seed", 0))
     rng = random.Random(seed)
     rows: list[dict[str, Any]] = []
@@ -88,7 +89,7 @@ def load_mixture(spec: Mapping[str, Any], *, where: str = "dataset") -> Mixture:
         here = f"{where}.sources[{i}]"
         _check_keys(source, SOURCE_KEYS, here)
         if "path" not in source:
-            raise ValueError(f"{here}.path: missing")
+            raise ConfigError(f"{here}.path: missing")
         loaded = load_rows(source["path"], format=source.get("format"), fields=source.get("fields"),
                            strict=bool(spec.get("strict", False)), split=source.get("split", "train"),
                            name=source.get("name"), text_unit=source.get("text_unit", "paragraph"))
@@ -100,7 +101,7 @@ def load_mixture(spec: Mapping[str, Any], *, where: str = "dataset") -> Mixture:
         mixture.sampled[str(source["path"])] = len(taken)
         rows += taken
     if len(formats) > 1:
-        raise ValueError(f"{where}.sources: mixes canonical formats {sorted(formats)}; one stage trains on one format")
+        raise ConfigError(f"{where}.sources: mixes canonical formats {sorted(formats)}; one stage trains on one format")
     mixture.canonical_format = formats.pop()
     rng.shuffle(rows)
     if spec.get("clean", True):
@@ -113,7 +114,7 @@ def load_mixture(spec: Mapping[str, Any], *, where: str = "dataset") -> Mixture:
             mixture.train, mixture.eval, mixture.contamination = train_eval_split(rows, test_size, seed,
                                                                                   text_of=_row_text)
         except ValueError as e:
-            raise ValueError(f"{where}.test_size: {e}") from None
+            raise ConfigError(f"{where}.test_size: {e}") from None
     else:
         mixture.train = rows
     return mixture
@@ -126,14 +127,14 @@ def _text_fields(canonical: str) -> list[str]:
 
 def _sample(rows: list, source: Mapping, rng: random.Random, where: str) -> list:
     if "rows" in source and "fraction" in source:
-        raise ValueError(f"{where}: give `rows` or `fraction`, not both")
+        raise ConfigError(f"{where}: give `rows` or `fraction`, not both")
     if "rows" in source:
         n = int(source["rows"])
     else:
         fraction = float(source.get("fraction", 1.0))
         if not 0 < fraction <= 1:
-            raise ValueError(f"{where}.fraction: {fraction} is not in (0, 1]")
+            raise ConfigError(f"{where}.fraction: {fraction} is not in (0, 1]")
         n = round(fraction * len(rows))
     if n > len(rows):
-        raise ValueError(f"{where}.rows: asks for {n} rows but {source['path']} has {len(rows)}")
+        raise ConfigError(f"{where}.rows: asks for {n} rows but {source['path']} has {len(rows)}")
     return rows if n == len(rows) else rng.sample(rows, n)

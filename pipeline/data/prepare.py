@@ -43,6 +43,7 @@ from pipeline.data.shards import (
 )
 from pipeline.data.sources import SUFFIXES
 from pipeline.data.validation import ValidationReport, iter_rows
+from pipeline.errors import ConfigError, DataError
 
 VERSION = 1  # bump when the prepared layout or any pass changes its output
 CHUNK_TOKENS = 1 << 22  # pass-1 chunk: about 16 MB of token ids, plus signatures
@@ -98,17 +99,17 @@ class Prepared:
 def _check_spec(spec: Mapping, where: str) -> None:
     unknown = sorted(set(spec) - MIXTURE_KEYS)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(MIXTURE_KEYS)}")
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(MIXTURE_KEYS)}")
     if not spec.get("sources"):
-        raise ValueError(f"{where}.sources: empty; list at least one source with a `path`")
+        raise ConfigError(f"{where}.sources: empty; list at least one source with a `path`")
     for i, source in enumerate(spec["sources"]):
         bad = sorted(set(source) - SOURCE_KEYS)
         if bad:
-            raise ValueError(f"{where}.sources[{i}]: unknown key(s) {bad}; allowed: {sorted(SOURCE_KEYS)}")
+            raise ConfigError(f"{where}.sources[{i}]: unknown key(s) {bad}; allowed: {sorted(SOURCE_KEYS)}")
         if "path" not in source:
-            raise ValueError(f"{where}.sources[{i}].path: missing")
+            raise ConfigError(f"{where}.sources[{i}].path: missing")
         if "rows" in source and "fraction" in source:
-            raise ValueError(f"{where}.sources[{i}]: give `rows` or `fraction`, not both")
+            raise ConfigError(f"{where}.sources[{i}]: give `rows` or `fraction`, not both")
 
 
 def _source_identity(path: str) -> Any:
@@ -174,7 +175,7 @@ def _stream_rows(spec: Mapping, reports: dict[str, ValidationReport], sampled: C
         limit = int(source["rows"]) if "rows" in source else None
         fraction = float(source.get("fraction", 1.0))
         if not 0 < fraction <= 1:
-            raise ValueError(f"{where}.sources[{i}].fraction: {fraction} is not in (0, 1]")
+            raise ConfigError(f"{where}.sources[{i}].fraction: {fraction} is not in (0, 1]")
         rows = iter_rows(path, report, format=source.get("format"), fields=source.get("fields"),
                          strict=bool(spec.get("strict", False)), text_unit=source.get("text_unit", "paragraph"),
                          split=source.get("split", "train"), name=source.get("name"), streaming=True)
@@ -184,12 +185,12 @@ def _stream_rows(spec: Mapping, reports: dict[str, ValidationReport], sampled: C
             if fraction < 1 and rng.random() >= fraction:
                 continue
             if not isinstance(row.get("text"), str):
-                raise ValueError(f"{origin}: a {sorted(row)} row; pretraining reads text rows "
+                raise DataError(f"{origin}: a {sorted(row)} row; pretraining reads text rows "
                                  f"({where}.sources[{i}] {path})")
             sampled[path] += 1
             yield row["text"]
         if limit is not None and sampled[path] < limit:
-            raise ValueError(f"{where}.sources[{i}].rows: asks for {limit} rows but {path} has {sampled[path]}")
+            raise ConfigError(f"{where}.sources[{i}].rows: asks for {limit} rows but {path} has {sampled[path]}")
 
 
 class _TokenizerRun:
@@ -201,7 +202,7 @@ class _TokenizerRun:
 
         self.eos = tokenizer.eos_token_id
         if self.eos is None:
-            raise ValueError("the tokenizer has no eos token: documents could not be separated when packed")
+            raise ConfigError("the tokenizer has no eos token: documents could not be separated when packed")
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self.backend = Tokenizer.from_str(backend.to_str()) if backend is not None else None
         if self.backend is not None:
@@ -361,7 +362,7 @@ def _statuses(spec: Mapping, chunks: list[Path], where: str) -> tuple[np.ndarray
     test_size = spec.get("test_size", 0) or 0
     n_eval = round(test_size * len(survivors)) if isinstance(test_size, float) else int(test_size)
     if test_size and not 0 < n_eval < len(survivors):
-        raise ValueError(f"{where}.test_size: {test_size!r} leaves no train or no eval documents of "
+        raise ConfigError(f"{where}.test_size: {test_size!r} leaves no train or no eval documents of "
                          f"{len(survivors)}")
     if n_eval:
         chosen = np.random.default_rng(int(spec.get("seed", 0))).choice(survivors, n_eval, replace=False)
@@ -449,7 +450,7 @@ def prepare(spec: Mapping, tokenizer, *, block_size: int, root: str | os.PathLik
             where: str = "dataset", tokenizer_path: str | None = None) -> Prepared:
     """Prepare (or reuse) the shards for this spec, tokenizer and block size; see the module docstring."""
     if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
+        raise ConfigError(f"block_size must be >= 1, got {block_size}")
     shard_blocks = shard_blocks or default_shard_blocks(block_size)
     folder, inputs = preparation_folder(spec, tokenizer, block_size=block_size, root=root,
                                         shard_blocks=shard_blocks, where=where)
@@ -468,7 +469,7 @@ def prepare(spec: Mapping, tokenizer, *, block_size: int, root: str | os.PathLik
     status, dedup = _statuses(spec, chunks, where)
     splits = _pack_pass(folder, chunks, status, block_size, shard_blocks, fingerprint)
     if not splits["train"]["blocks"]:
-        raise ValueError(f"{where}: {splits['train']['tokens']} training tokens make no block of {block_size}; "
+        raise ConfigError(f"{where}: {splits['train']['tokens']} training tokens make no block of {block_size}; "
                          "add data or lower block_size")
     manifest = {"fingerprint": fingerprint, "inputs": inputs, "block_size": block_size,
                 "shard_blocks": shard_blocks, "tokenizer_name_or_path": tokenizer_path,

@@ -16,11 +16,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from pipeline.errors import DataError
+
 MANIFEST_NAME = "prepared.json"
 _META_KEY = b"pipeline_prepared"
 
 
-class ShardError(ValueError):
+class ShardError(DataError):
     """A shard that is missing, truncated or from another preparation; the message names the file."""
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from pipeline.errors import DataError
+
 SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".parquet")
 
 
@@ -38,7 +40,7 @@ class RawRecord:
     error: tuple[str, str, str] | None = None  # (field, problem, fix) when the record could not be read
 
 
-class SourceError(ValueError):
+class SourceError(DataError):
     """A source that cannot be read at all (missing path, unknown suffix, offline Hub id)."""
 
 

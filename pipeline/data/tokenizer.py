@@ -29,6 +29,8 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from pipeline.errors import ConfigError, DataError
+
 PAD_TOKEN = "<|pad|>"
 BOS_TOKEN = "<|bos|>"
 EOS_TOKEN = "<|eos|>"
@@ -112,17 +114,17 @@ def train_tokenizer(
     """
     minimum = _BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
     if vocab_size < minimum:
-        raise ValueError(
+        raise ConfigError(
             f"vocab_size={vocab_size} is too small: it must be at least {minimum} "
             f"({_BYTE_ALPHABET_SIZE} byte tokens + {len(SPECIAL_TOKENS)} special tokens)"
         )
     if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        raise ConfigError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
 
     stream = _non_empty_texts(texts)
     first = next(stream, None)
     if first is None:
-        raise ValueError("cannot train a tokenizer: the text iterator yielded no non-empty text")
+        raise DataError("cannot train a tokenizer: the text iterator yielded no non-empty text")
 
     backend = _build_backend(split_cjk_characters)
     trainer = trainers.BpeTrainer(

@@ -15,11 +15,12 @@ from typing import Any, Iterable, Iterator, Mapping
 
 from pipeline.data.formats import CANONICAL, FORMATS, RowProblem, apply_field_map, detect_format, normalize
 from pipeline.data.sources import Origin, RawRecord, read_records
+from pipeline.errors import DataError
 
 MAX_KEPT_ISSUES = 1000  # messages kept for display; counts are always exact
 
 
-class DataValidationError(ValueError):
+class DataValidationError(DataError):
     """A bad record in strict mode, or a source whose format cannot be told; the message starts with `path:line:`."""
 
 

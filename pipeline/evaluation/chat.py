@@ -7,6 +7,7 @@ from pathlib import Path
 from threading import Thread
 
 from pipeline.data.chat_templates import stop_token_ids
+from pipeline.errors import ConfigError
 
 
 def load_chat_model(path: str | Path):
@@ -23,7 +24,7 @@ def load_chat_model(path: str | Path):
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if not tokenizer.chat_template:
-        raise ValueError(f"{path}: the tokenizer has no chat template; chat needs a chat-tuned model")
+        raise ConfigError(f"{path}: the tokenizer has no chat template; chat needs a chat-tuned model")
     return model.eval(), tokenizer
 
 

@@ -1,7 +1,8 @@
 """The stage report of a chain run: `report.json`, `report.md` (one row per stage) and PNG plots.
 
 A stage row is {"stage": name, "metrics": {...}} plus, optionally, "loss_history" [(step, loss), ...],
-"reward_history" [mean reward per step, ...], and "source"/"generation" for the export row.
+"reward_history" [mean reward per step, ...], and for the export row "source" and "showcase" [{"question",
+"expected", "answer"}, ...]: held-out demo questions the exported model answered, each marked right or wrong.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+
+from pipeline.data.demo_tasks import verify
 
 # (metric key, column title, format): the table's columns, in order.
 COLUMNS = (("perplexity", "perplexity", "{:.2f}"), ("exact_match", "exact match", "{:.3f}"),
@@ -66,9 +69,22 @@ def _notes(stages: list[dict]) -> list[str]:
             notes.append(f"- {row['stage']} reward curve: {len(history)} steps, mean reward "
                          f"{sum(history[:quarter]) / quarter:.3f} (first quarter) → "
                          f"{sum(history[-quarter:]) / quarter:.3f} (last quarter)")
-        if row.get("generation"):
-            notes.append(f"- {row['stage']} ({row.get('source')}): {row['generation']}")
+        if row.get("showcase"):
+            notes += showcase_lines(row)
     return notes
+
+
+def showcase_lines(row: dict) -> list[str]:
+    """The export row's held-out questions, each answer marked ✓ right or ✗ wrong against the expected answer."""
+    items = row["showcase"]
+    right = [verify(item["answer"], item["expected"]) for item in items]
+    lines = [f"- {row['stage']} ({row.get('source')}): {sum(right)} of {len(items)} held-out demo questions "
+             "answered right by the exported model, loaded in a clean process:"]
+    for item, ok in zip(items, right):
+        answer = item["answer"] or "(no answer)"
+        lines.append(f"  - ✓ right: {item['question']} → {answer}" if ok else
+                     f"  - ✗ wrong: {item['question']} → {answer} (expected {item['expected']})")
+    return lines
 
 
 def write_report(stages: list[dict], out_dir: str | Path, *, title: str = "Demo chain report") -> list[Path]:

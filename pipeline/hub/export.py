@@ -11,6 +11,7 @@ from pipeline.adapters import merge_lora
 from pipeline.artifacts import StageOutput, build_manifest, chat_template_hash, read_manifest
 from pipeline.data.chat_templates import ChatTemplateError, check_train_serve_parity, stop_token_ids
 from pipeline.hub.model_card import lineage, model_card
+from pipeline.errors import ConfigError
 
 FORMATS = ("pipeline", "llama")
 
@@ -34,7 +35,7 @@ def export_model(source: str | Path, output_dir: str | Path, *, format: str = "p
                  repo_id: str | None = None) -> Path:
     """Write `source` (a finished stage output) as a self-contained Hub folder at `output_dir`."""
     if format not in FORMATS:
-        raise ValueError(f"format: {format!r} is not one of {', '.join(FORMATS)}")
+        raise ConfigError(f"format: {format!r} is not one of {', '.join(FORMATS)}")
     source = Path(source)
     manifest = read_manifest(source)
     model, tokenizer, head = _load(source)
@@ -78,13 +79,16 @@ def _as_llama(model, head: str):
     from pipeline.modeling.convert import llama_config_from
 
     if head != "causal_lm":
-        raise ValueError("format llama: only causal language models export to LlamaForCausalLM")
-    config = llama_config_from(model.config)  # raises with every reason it cannot
+        raise ConfigError("format llama: only causal language models export to LlamaForCausalLM")
+    try:
+        config = llama_config_from(model.config)  # raises with every reason it cannot
+    except ValueError as e:
+        raise ConfigError(f"format llama: {e}") from None
     llama = LlamaForCausalLM(config)
     missing, unexpected = llama.load_state_dict(model.state_dict(), strict=False)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
-        raise ValueError(f"format llama: weights do not map (missing {missing}, unexpected {unexpected})")
+        raise ConfigError(f"format llama: weights do not map (missing {missing}, unexpected {unexpected})")
     llama.generation_config = model.generation_config
     return llama
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from pipeline.hub.export import list_export_files
 from pipeline.artifacts import read_manifest
+from pipeline.errors import UserError
 
 
-class MissingTokenError(RuntimeError):
+class MissingTokenError(UserError, RuntimeError):
     pass
 
 

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.errors import ConfigError
+
 REPO = Path(__file__).resolve().parents[2]
 CHAIN = ("tokenizer", "pretrain", "sft", "reward", "ppo", "dpo")
 
@@ -67,7 +69,7 @@ def stage_command(stage: str, args: ChainArguments) -> list[str]:
         key, equals, value = item.partition("=")
         target, _, name = key.rpartition(".")
         if not equals or not name:
-            raise ValueError(f"--set {item!r}: expected [STAGE.]KEY=VALUE")
+            raise ConfigError(f"--set {item!r}: expected [STAGE.]KEY=VALUE")
         if target in ("", stage):
             command += [f"--{name}", value]
     return command
@@ -118,11 +120,11 @@ def run_chain(args: ChainArguments) -> dict:
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in CHAIN + ("grpo", "classify")]
     if unknown:
-        raise ValueError(f"stages: unknown {unknown}; the chain is {', '.join(CHAIN)} (+ grpo, classify)")
+        raise ConfigError(f"stages: unknown {unknown}; the chain is {', '.join(CHAIN)} (+ grpo, classify)")
     for item in args.set:  # a misspelt stage name would otherwise silently override nothing
         target = item.partition("=")[0].rpartition(".")[0]
         if target and target not in CHAIN + ("grpo", "classify"):
-            raise ValueError(f"--set {item!r}: unknown stage {target!r}; stages are {', '.join(CHAIN)}, grpo, classify")
+            raise ConfigError(f"--set {item!r}: unknown stage {target!r}; stages are {', '.join(CHAIN)}, grpo, classify")
     log_dir = root / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     report: list[dict] = []
@@ -154,28 +156,69 @@ def best_policy(report: list[dict]) -> str:
     return max(aligned, key=lambda r: r["metrics"].get("exact_match", 0))["stage"]
 
 
+SHOWCASE_TASKS = 5  # held-out demo questions the exported model answers in the clean-process load
+
+
+def llama_export(source: Path, output_dir: Path, hub_export: Path) -> str:
+    """Export `source` in Llama format when its architecture has a Llama equivalent; one line saying what happened.
+
+    Most PipelineGPT variants (learned positions, LayerNorm, key smear, ...) have no Llama equivalent: a skip, not an
+    error. `hub_export` is the already-written PipelineGPT export, whose config decides.
+    """
+    from transformers import AutoConfig
+
+    from pipeline.modeling.convert import llama_incompatibilities
+
+    config = AutoConfig.from_pretrained(hub_export)
+    if config.model_type != "pipeline_gpt":
+        return f"skipped: Llama-format export (the model is {config.model_type!r}, already a transformers family)"
+    reasons = llama_incompatibilities(config)
+    if reasons:
+        return f"skipped: Llama-format export (this PipelineGPT architecture has no Llama equivalent: " \
+               f"{'; '.join(reasons)})"
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", str(source), str(output_dir),
+                           "--format", "llama", "--overwrite"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the Llama-format export of {source} failed:\n{done.stderr[-3000:]}")
+    return done.stdout.strip()
+
+
+# Runs with `pipeline` unimportable: the export must stand alone. Asks each question as one chat turn, greedily,
+# as the held-out exact-match evaluation does (pipeline.evaluation.evaluators.greedy_answers).
+CLEAN_LOAD_PROBE = """import json, sys
+sys.modules['pipeline'] = None
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path, questions = sys.argv[1], json.loads(sys.argv[2])
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+answers = []
+for question in questions:
+    ids = tok.apply_chat_template([{'role': 'user', 'content': question}], add_generation_prompt=True,
+                                  return_tensors='pt', return_dict=True)
+    out = model.generate(**ids, max_new_tokens=16, do_sample=False)
+    answers.append(tok.decode(out[0, ids['input_ids'].shape[1]:], skip_special_tokens=True).strip())
+print(json.dumps(answers, ensure_ascii=False))
+"""
+
+
 def export_and_load(root: Path, stage: str, args: ChainArguments) -> dict:
-    """Export `stage` (hub folder and, when possible, Llama format), then load and generate in a clean process."""
+    """Export `stage` (hub folder and, when possible, Llama format), then, in a clean process, load the export and
+    answer a few held-out demo questions (the report marks each answer right or wrong)."""
+    from pipeline.data.demo_tasks import eval_tasks
+
     started = time.monotonic()
     export = root / "export"
     subprocess.run([sys.executable, "-m", "pipeline.cli", "export", str(root / stage), str(export), "--overwrite"],
                    check=True)
-    llama = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", str(root / stage), str(root / "export-llama"),
-                            "--format", "llama", "--overwrite"], capture_output=True, text=True)
-    print(llama.stdout.strip() or llama.stderr.strip()[-500:])
-    probe = ("import sys; sys.modules['pipeline'] = None\n"
-             "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-             f"path = {str(export.resolve())!r}\n"
-             "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)\n"
-             "tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)\n"
-             "ids = tok.apply_chat_template([{'role': 'user', 'content': 'What is 41 plus 7?'}],"
-             " add_generation_prompt=True, return_tensors='pt', return_dict=True)\n"
-             "out = model.generate(**ids, max_new_tokens=8, do_sample=False)\n"
-             "print('What is 41 plus 7? ->', tok.decode(out[0, ids['input_ids'].shape[1]:], skip_special_tokens=True).strip())\n")
-    loaded = subprocess.run([sys.executable, "-P", "-c", probe], cwd="/", capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": ""})
+    print(llama_export(root / stage, root / "export-llama", export))
+    tasks = eval_tasks(SHOWCASE_TASKS, seed=0)
+    loaded = subprocess.run([sys.executable, "-P", "-c", CLEAN_LOAD_PROBE, str(export.resolve()),
+                             json.dumps([t.prompt for t in tasks], ensure_ascii=False)],
+                            cwd="/", capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
     if loaded.returncode != 0:
         raise RuntimeError(f"the export at {export} did not load in a clean process:\n{loaded.stderr[-3000:]}")
-    print(f"clean-process load of {export}: {loaded.stdout.strip()}")
+    answers = json.loads(loaded.stdout.strip().splitlines()[-1])
+    print(f"clean-process load of {export}: answered {len(answers)} held-out questions")
+    showcase = [{"question": t.prompt, "expected": t.answer, "answer": a} for t, a in zip(tasks, answers)]
     return {"stage": "export", "metrics": {"wall_seconds": round(time.monotonic() - started, 1)},
-            "source": stage, "generation": loaded.stdout.strip()}
+            "source": stage, "showcase": showcase}

@@ -18,6 +18,7 @@ from pipeline.stages.common import check_distributed_setup
 from pipeline.stages.training import (
     DataArguments, finish_stage, guards, on_cpu_only, resolve_mixture, train_resuming,
 )
+from pipeline.errors import ConfigError, DataError
 
 
 @dataclass
@@ -34,7 +35,7 @@ def label_names(rows: list[dict]) -> list[str] | None:
     if all(isinstance(x, int) for x in labels):
         return None
     if not all(isinstance(x, str) for x in labels):
-        raise ValueError("label: mixes integer ids and class names; use one kind")
+        raise DataError("label: mixes integer ids and class names; use one kind")
     return sorted(labels)
 
 
@@ -47,7 +48,7 @@ def run_classify(args: ClassifyArguments, training: TrainingArguments) -> Path:
         check_parent(args.model_name_or_path, tokenizer, expect_artifact="model")
         mixture = resolve_mixture(args, default_test_size=0.1)
         if mixture.canonical_format != "classification":
-            raise ValueError(f"dataset: classify trains on (text, label) rows, not {mixture.canonical_format}")
+            raise ConfigError(f"dataset: classify trains on (text, label) rows, not {mixture.canonical_format}")
         names = label_names(mixture.train + mixture.eval)
         ids = {name: i for i, name in enumerate(names)} if names else None
         num_labels = len(names) if names else max(r["label"] for r in mixture.train + mixture.eval) + 1

@@ -8,7 +8,6 @@ Atomic outputs, manifests and checkpoint discovery live in `pipeline.artifacts`.
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import os
 import sys
@@ -18,10 +17,9 @@ from typing import Any, Sequence
 import yaml
 from transformers import HfArgumentParser
 
+from pipeline.errors import ConfigError, LaunchError, did_you_mean
 
-
-class ConfigError(ValueError):
-    """A bad key or value in a stage config; the message starts with `file:line: key:`."""
+__all__ = ["ConfigError", "check_distributed_setup", "parse_stage_args"]
 
 
 # --------------------------------------------------------------------------- arguments
@@ -76,7 +74,8 @@ def _json_object(text: str) -> dict:
 def parse_stage_args(dataclass_types: Sequence[type], argv: list[str] | None = None) -> tuple:
     """Dataclass instances from `--config FILE.yaml` plus `--key value` overrides (the command line wins).
 
-    Unknown or ill-typed YAML keys fail with `file:line: key: problem (did you mean ...?)`.
+    Unknown or ill-typed YAML keys fail with `file:line: key: problem (did you mean ...?)`, a misspelt flag with
+    `--flag: unknown flag (did you mean --flag?)`.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(dataclass_types)
@@ -99,9 +98,7 @@ def parse_stage_args(dataclass_types: Sequence[type], argv: list[str] | None = N
         for key, value in values.items():
             where = f"{config_path}:{lines.get(key, 1)}: {key}"
             if key not in actions:
-                close = difflib.get_close_matches(key, list(actions), n=1)
-                hint = f" (did you mean {close[0]}?)" if close else ""
-                raise ConfigError(f"{where}: unknown key{hint}")
+                raise ConfigError(f"{where}: unknown key{did_you_mean(key, actions)}")
             defaults[key] = _convert(actions[key], value, where)
         parser.set_defaults(**defaults)
         for action in parser._actions:  # a YAML value satisfies a required argument
@@ -112,10 +109,22 @@ def parse_stage_args(dataclass_types: Sequence[type], argv: list[str] | None = N
         # explicit --bf16 true still gets that error.
         parser.set_defaults(bf16=False)
     try:
-        return parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
+        *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as e:  # a dataclass __post_init__ rejected a value
         source = f"{config_path}: " if config_path else ""
         raise ConfigError(f"{source}{e}") from e
+    if unknown:
+        raise ConfigError(_unknown_flags(parser, unknown))
+    return tuple(parsed)
+
+
+def _unknown_flags(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """`--learnign_rate: unknown flag (did you mean --learning_rate?)`, the same hint as for a YAML key."""
+    flags = [a.split("=", 1)[0] for a in unknown if a.startswith("-")]
+    if not flags:
+        return f"unexpected argument(s) {unknown}; options are given as --key value"
+    known = [s for a in parser._actions for s in a.option_strings if s.startswith("--") and "-" not in s[2:]]
+    return "; ".join(f"{flag}: unknown flag{did_you_mean(flag, known)}" for flag in flags)
 
 
 def _has_gpu() -> bool:
@@ -139,7 +148,7 @@ def check_distributed_setup(training=None) -> None:
     engine = next((name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
                    if os.environ.get(var, "").lower() in ("1", "true")), None)
     if engine and not torch.cuda.is_available():
-        raise RuntimeError(
+        raise LaunchError(
             f"the Accelerate config asks for {engine}, which needs GPUs, and this machine has none: Accelerate would "
             f"quietly train plain CPU data parallel instead. Use `accelerate launch --config_file "
             f"recipes/accelerate/cpu_ddp.yaml` for CPU processes, or run on GPUs")
@@ -152,7 +161,7 @@ def check_distributed_setup(training=None) -> None:
     cpu = bool(getattr(training, "use_cpu", False)) or not torch.cuda.is_available()
     state = PartialState(cpu=cpu)
     if state.distributed_type == DistributedType.NO or state.num_processes != world:
-        raise RuntimeError(
+        raise LaunchError(
             f"WORLD_SIZE={world} but Accelerate runs {state.num_processes} process(es) of type "
             f"{state.distributed_type}: each process would train its own copy. On CPU use "
             f"`accelerate launch --config_file recipes/accelerate/cpu_ddp.yaml`; FSDP and DeepSpeed need GPUs")

@@ -25,6 +25,7 @@ from pipeline.stages.common import check_distributed_setup
 from pipeline.stages.training import (
     DataArguments, finish_stage, guards, on_cpu_only, resolve_mixture, rows_dropped_by_trainer, train_resuming,
 )
+from pipeline.errors import ConfigError
 
 
 @dataclass
@@ -42,7 +43,7 @@ def preference_rows(args: DPOArguments, mixture, model, tokenizer, seed: int) ->
     if mixture.canonical_format == "preference":
         return mixture.train, mixture.eval, {}
     if mixture.canonical_format != "prompt_completion" or not args.on_policy_samples:
-        raise ValueError(f"dataset: DPO needs preference pairs, or prompt/completion rows with on_policy_samples > 0 "
+        raise ConfigError(f"dataset: DPO needs preference pairs, or prompt/completion rows with on_policy_samples > 0 "
                          f"(got {mixture.canonical_format})")
     from pipeline.alignment.on_policy_pairs import on_policy_pairs
     from pipeline.data.demo_tasks import verify
@@ -57,7 +58,7 @@ def preference_rows(args: DPOArguments, mixture, model, tokenizer, seed: int) ->
                                samples=args.on_policy_samples, temperature=args.on_policy_temperature, seed=seed + 1)
     print(f"on-policy pairs: {counts}")
     if not train:
-        raise ValueError("on_policy_samples: the model answered every training prompt correctly; no pairs to learn from")
+        raise ConfigError("on_policy_samples: the model answered every training prompt correctly; no pairs to learn from")
     return train, evals, {f"pairs_{k}": v for k, v in counts.items()}
 
 

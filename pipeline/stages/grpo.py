@@ -21,6 +21,7 @@ from pipeline.stages.common import check_distributed_setup
 from pipeline.stages.training import (
     DataArguments, finish_stage, guards, on_cpu_only, resolve_mixture, train_resuming,
 )
+from pipeline.errors import ConfigError
 
 REWARDS = ("verifier", "reward_model", "missing_eos")
 
@@ -47,15 +48,15 @@ def reward_functions(args: GRPOArguments, tokenizer) -> tuple[list, list]:
             processing.append(None)
         elif name == "reward_model":
             if not args.reward_model_path:
-                raise ValueError("reward_model_path: needed by the reward_model reward; pass a reward stage output")
+                raise ConfigError("reward_model_path: needed by the reward_model reward; pass a reward stage output")
             reward_tokenizer = load_tokenizer(args.reward_model_path)
             check_parent(args.reward_model_path, reward_tokenizer, expect_artifact="model")
             funcs.append(AutoModelForSequenceClassification.from_pretrained(args.reward_model_path))
             processing.append(reward_tokenizer)
         else:
-            raise ValueError(f"rewards: unknown {name!r}; use {', '.join(REWARDS)}")
+            raise ConfigError(f"rewards: unknown {name!r}; use {', '.join(REWARDS)}")
     if not funcs:
-        raise ValueError("rewards: empty; name at least one reward function")
+        raise ConfigError("rewards: empty; name at least one reward function")
     return funcs, processing
 
 
@@ -68,7 +69,7 @@ def run_grpo(args: GRPOArguments, training: GRPOConfig) -> Path:
         check_parent(args.model_name_or_path, tokenizer)
         mixture = resolve_mixture(args)
         if mixture.canonical_format != "prompt_completion":
-            raise ValueError(f"dataset: GRPO needs prompts with reference answers (prompt/completion rows), "
+            raise ConfigError(f"dataset: GRPO needs prompts with reference answers (prompt/completion rows), "
                              f"not {mixture.canonical_format}")
         rows = [{"prompt": r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}],
                  "answer": r["completion"][-1]["content"] if isinstance(r["completion"], list) else r["completion"]}

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.errors import ConfigError
+
 # stage -> (its module and arguments class, the trainer config class): what the stage's recipe parses.
 _STAGE_TYPES = {
     "pretrain": ("pipeline.stages.pretrain:PretrainArguments", "transformers:TrainingArguments"),
@@ -37,11 +39,11 @@ def _stage_types(stage: str) -> tuple:
 def stage_of(config: str | Path, stage: str | None = None) -> str:
     if stage:
         if stage not in STAGES:
-            raise ValueError(f"--stage: {stage!r} is not one of {', '.join(STAGES)}")
+            raise ConfigError(f"--stage: {stage!r} is not one of {', '.join(STAGES)}")
         return stage
     name = Path(config).stem.split("_")[0]
     if name not in STAGES:
-        raise ValueError(f"{config}: cannot tell the stage from the file name; pass --stage ({', '.join(STAGES)})")
+        raise ConfigError(f"{config}: cannot tell the stage from the file name; pass --stage ({', '.join(STAGES)})")
     return name
 
 

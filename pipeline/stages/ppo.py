@@ -27,6 +27,7 @@ from pipeline.stages.common import check_distributed_setup
 from pipeline.stages.training import (
     DataArguments, dataset_records, resolve_mixture, run_fingerprint, write_stage_output,
 )
+from pipeline.errors import ConfigError
 
 
 @dataclass
@@ -112,23 +113,23 @@ def load_ptx(args: PPOArguments, config: PPOConfig, tokenizer) -> tuple[list[dic
             print("ptx_dataset is set but ptx_coef is 0: PPO runs without the ptx loss")
         return None, []
     if not args.ptx_dataset:
-        raise ValueError(f"ptx_coef={config.ptx_coef} needs ptx_dataset (a mixture spec with sources, like "
+        raise ConfigError(f"ptx_coef={config.ptx_coef} needs ptx_dataset (a mixture spec with sources, like "
                          "`dataset`); set it in the YAML or set ptx_coef: 0")
     mixture = load_mixture(args.ptx_dataset, where="ptx_dataset")
     print(mixture.summary())
     if mixture.canonical_format not in ("text", "messages", "prompt_completion"):
-        raise ValueError(f"ptx_dataset: PPO-ptx needs text, messages or prompt/completion rows, not "
+        raise ConfigError(f"ptx_dataset: PPO-ptx needs text, messages or prompt/completion rows, not "
                          f"{mixture.canonical_format}")
     rows = ptx_rows(mixture.train, tokenizer, args.ptx_max_length)
     if not rows:
-        raise ValueError(f"ptx_dataset: no row has a trained token within ptx_max_length={args.ptx_max_length}")
+        raise ConfigError(f"ptx_dataset: no row has a trained token within ptx_max_length={args.ptx_max_length}")
     return rows, dataset_records(mixture, DataArguments(dataset=args.ptx_dataset))
 
 
 def run_ppo(args: PPOArguments, config: PPOConfig) -> Path:
     check_distributed_setup(None)
     if args.cpu_threads < 0:
-        raise ValueError(f"cpu_threads: must be >= 0 (0 = torch's default), got {args.cpu_threads}")
+        raise ConfigError(f"cpu_threads: must be >= 0 (0 = torch's default), got {args.cpu_threads}")
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
     started, destination = time.monotonic(), Path(config.output_dir)
@@ -139,7 +140,7 @@ def run_ppo(args: PPOArguments, config: PPOConfig) -> Path:
         check_parent(args.reward_model_path, reward_tokenizer, expect_artifact="model")
         mixture = resolve_mixture(args)
         if mixture.canonical_format not in ("prompt_completion", "preference"):
-            raise ValueError(f"dataset: PPO needs conversational prompts (prompt/completion or preference rows), "
+            raise ConfigError(f"dataset: PPO needs conversational prompts (prompt/completion or preference rows), "
                              f"not {mixture.canonical_format}")
         prompts = [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"]
                    for r in mixture.train]

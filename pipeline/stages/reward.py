@@ -21,6 +21,7 @@ from pipeline.stages.common import check_distributed_setup
 from pipeline.stages.training import (
     DataArguments, finish_stage, guards, on_cpu_only, resolve_mixture, rows_dropped_by_trainer, train_resuming,
 )
+from pipeline.errors import ConfigError
 
 
 @dataclass
@@ -32,7 +33,7 @@ class RewardArguments(MethodArguments, DataArguments):
 
 def run_reward(args: RewardArguments, training: RewardConfig) -> Path:
     if args.method not in ("full", "lora", "freeze"):
-        raise ValueError(f"method: {args.method} is not supported for reward models; use full, lora or freeze")
+        raise ConfigError(f"method: {args.method} is not supported for reward models; use full, lora or freeze")
     check_distributed_setup(training)
     on_cpu_only(training)
     started, destination = time.monotonic(), Path(training.output_dir)
@@ -41,7 +42,7 @@ def run_reward(args: RewardArguments, training: RewardConfig) -> Path:
         check_parent(args.model_name_or_path, tokenizer)
         mixture = resolve_mixture(args, default_test_size=0.05)
         if mixture.canonical_format != "preference":
-            raise ValueError(f"dataset: the reward model trains on preference pairs, not {mixture.canonical_format}")
+            raise ConfigError(f"dataset: the reward model trains on preference pairs, not {mixture.canonical_format}")
         base = full_weights_dir(args.model_name_or_path, out.work / "initial-weights")
         config = AutoConfig.from_pretrained(base, num_labels=1, pad_token_id=tokenizer.pad_token_id)
         model = load_for_method(base, args, tokenizer, model_class=AutoModelForSequenceClassification, config=config,

@@ -17,6 +17,7 @@ from pipeline.stages.common import check_distributed_setup
 from pipeline.stages.training import (
     DataArguments, finish_stage, guards, on_cpu_only, resolve_mixture, rows_dropped_by_trainer, train_resuming,
 )
+from pipeline.errors import ConfigError
 
 
 @dataclass
@@ -38,13 +39,13 @@ def run_sft(args: SFTArguments, training: SFTConfig) -> Path:
         check_parent(args.model_name_or_path, tokenizer, expect_artifact="model")
         mixture = resolve_mixture(args, default_test_size=0.02)
         if mixture.canonical_format not in ("messages", "prompt_completion", "text"):
-            raise ValueError(f"dataset: SFT trains on messages, prompt/completion or text rows, "
+            raise ConfigError(f"dataset: SFT trains on messages, prompt/completion or text rows, "
                              f"not {mixture.canonical_format}")
         if training.assistant_only_loss and mixture.canonical_format != "messages":
-            raise ValueError("assistant_only_loss: needs chat (messages) rows; set it false for prompt/completion "
+            raise ConfigError("assistant_only_loss: needs chat (messages) rows; set it false for prompt/completion "
                              "rows (their loss is on the completion already)")
         if args.method == "prompt_tuning" and training.packing:
-            raise ValueError("packing: prompt tuning prepends virtual tokens to every row, which packed rows cannot "
+            raise ConfigError("packing: prompt tuning prepends virtual tokens to every row, which packed rows cannot "
                              "share; set packing: false")
         model = load_for_method(args.model_name_or_path, args, tokenizer, seed=training.seed)
         trainable, total = count_trainable(model)

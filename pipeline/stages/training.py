@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 from pipeline.artifacts import MANIFEST_NAME, build_manifest, env_versions, file_sha256, latest_checkpoint
 from pipeline.data.mixing import Mixture, load_mixture
 from pipeline.data.prepare import Prepared, find_prepared, prepare_once
+from pipeline.errors import ConfigError
 
 
 @dataclass
@@ -37,7 +38,7 @@ def mixture_spec(data: DataArguments, *, default_test_size: float | int = 0) -> 
             source["format"] = data.dataset_format
         spec["sources"] = [source]
     if not spec.get("sources"):
-        raise ValueError("dataset: no sources; set dataset.sources in the YAML or pass --dataset_path PATH")
+        raise ConfigError("dataset: no sources; set dataset.sources in the YAML or pass --dataset_path PATH")
     spec.setdefault("test_size", default_test_size)
     return spec
 
@@ -138,7 +139,7 @@ def rows_dropped_by_trainer(trainer, train_rows: list, eval_rows: list, max_leng
             print(f"{split}: {counts[split]} of {len(rows)} rows dropped in preparation (longer than "
                   f"max_length={max_length} tokens, or nothing to train on)")
     if train_rows and trainer.train_dataset is not None and len(trainer.train_dataset) == 0:
-        raise ValueError(f"max_length: all {len(train_rows)} training rows are longer than max_length={max_length} "
+        raise ConfigError(f"max_length: all {len(train_rows)} training rows are longer than max_length={max_length} "
                          f"tokens; raise max_length")
     return {f"rows_dropped_{k}": v for k, v in counts.items()}
 

@@ -80,7 +80,7 @@ CLEAN_LOAD = textwrap.dedent("""
     path, auto_name, out = sys.argv[1], sys.argv[2], sys.argv[3]
     auto_class = getattr(transformers, auto_name)
     model = auto_class.from_pretrained(path, trust_remote_code=True).eval()
-    x = torch.load(path + "/x.pt")
+    x = torch.load(path + "/x.pt", weights_only=True)
     with torch.no_grad():
         result = model(x, attention_mask=torch.ones_like(x))
     tensor = result.logits if hasattr(result, "logits") else result.last_hidden_state
@@ -115,7 +115,8 @@ def test_clean_process_loads_through_remote_code(tmp_path, head):
     assert module.startswith("transformers_modules.") and name == head_class.__name__
     if head == "AutoModelForCausalLM":
         assert "generated (2, 6)" in proc.stdout
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), output_of(model, X).detach(), atol=0, rtol=0)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt", weights_only=True), output_of(model, X).detach(),
+                               atol=0, rtol=0)
 
 
 def test_reward_model_from_causal_checkpoint_keeps_backbone(tmp_path):

@@ -329,3 +329,49 @@ def test_unknown_preset_lists_choices():
 
 def test_gpt2_preset_defaults_to_four_times_width():
     assert PipelineGPTConfig.preset("gpt2", hidden_size=48, num_attention_heads=4).intermediate_size == 192
+
+
+# --- return_dict=False: every head returns transformers' tuple, element for element ---------------------------
+
+def flatten(value):
+    """Tensors of an output in order; a cache becomes its per-layer keys and values."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if hasattr(value, "layers"):  # DynamicCache
+        return [t for layer in value.layers for t in (layer.keys, layer.values)]
+    return [t for item in value for t in flatten(item)]
+
+
+@pytest.mark.parametrize("head", ["base", "causal_lm", "sequence_classification"])
+@pytest.mark.parametrize("how", ["call", "config"])
+def test_return_dict_false_gives_the_dict_outputs_as_a_tuple(head, how):
+    from pipeline.modeling import PipelineGPTModel
+
+    causal = tiny()
+    model = {"base": lambda: causal.model,
+             "causal_lm": lambda: causal,
+             "sequence_classification": lambda: PipelineGPTForSequenceClassification(causal.config).eval()}[head]()
+    ids = tokens()
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, output_hidden_states=True)
+    if head != "base":
+        kwargs["labels"] = ids if head == "causal_lm" else torch.tensor([0, 1])
+    with torch.no_grad():
+        as_dict = model(**kwargs)
+        if how == "call":
+            as_tuple = model(**kwargs, return_dict=False)
+        else:
+            model.config.return_dict = False
+            as_tuple = model(**kwargs)
+            model.config.return_dict = True
+    assert isinstance(as_tuple, tuple) and not hasattr(as_tuple, "keys")
+    expected = [k for k, v in as_dict.items() if v is not None]  # transformers' to_tuple drops None fields
+    assert expected == {"base": ["last_hidden_state", "past_key_values", "hidden_states"],
+                        "causal_lm": ["loss", "logits", "past_key_values", "hidden_states"],
+                        "sequence_classification": ["loss", "logits", "past_key_values", "hidden_states"]}[head]
+    assert len(as_tuple) == len(expected)
+    for name, value in zip(expected, as_tuple):
+        left, right = flatten(as_dict[name]), flatten(value)
+        assert len(left) == len(right) > 0, name
+        for a, b in zip(left, right):
+            torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+    assert isinstance(model, PipelineGPTModel) == (head == "base")

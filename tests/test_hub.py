@@ -12,7 +12,6 @@ import torch
 from huggingface_hub import ModelCard
 
 import pipeline  # noqa: F401  (registers PipelineGPT)
-from conftest import REPO
 from pipeline.data.tokenizer import train_tokenizer
 from pipeline.hub.export import export_model, list_export_files
 from pipeline.artifacts import StageOutput, build_manifest
@@ -46,23 +45,39 @@ def tiny(preset="llama", head=PipelineGPTForCausalLM, **extra):
     return head(config).eval()
 
 
-def clean_load(path, cls="AutoModelForCausalLM", remote=True):
-    code = ("import sys, torch; sys.modules['pipeline'] = None\n"
-            f"from transformers import {cls}\n"
-            f"m = {cls}.from_pretrained({str(path)!r}{', trust_remote_code=True' if remote else ''}).eval()\n"
-            f"print(type(m).__name__); print(m(torch.tensor({IDS.tolist()})).logits.flatten()[:20].tolist())\n")
-    out = subprocess.run([sys.executable, "-P", "-c", code], cwd="/", env=ENV, capture_output=True, text=True)
+def clean_load_all(jobs):
+    """Load every (path, auto class, trust_remote_code) in ONE fresh process where `pipeline` is not importable
+    (one interpreter start instead of one per export); returns [(class name, first 20 logits)]."""
+    code = ("import sys, json, torch; sys.modules['pipeline'] = None\n"
+            "import transformers\n"
+            "for path, cls, remote in json.loads(sys.argv[1]):\n"
+            "    m = getattr(transformers, cls).from_pretrained(path, trust_remote_code=remote).eval()\n"
+            f"    logits = m(torch.tensor({IDS.tolist()})).logits.flatten()[:20].tolist()\n"
+            "    print(json.dumps([type(m).__name__, logits]))\n")
+    out = subprocess.run([sys.executable, "-P", "-c", code, json.dumps([[str(p), c, r] for p, c, r in jobs])],
+                         cwd="/", env=ENV, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
-    name, logits = out.stdout.strip().splitlines()
-    return name, torch.tensor(json.loads(logits))
+    return [(name, torch.tensor(logits)) for name, logits in map(json.loads, out.stdout.strip().splitlines())]
 
 
-def test_export_loads_in_a_clean_process_with_equal_logits(tmp_path, tokenizer):
-    model = tiny()
-    pre = stage(tmp_path, "pretrain", tiny(), tokenizer, license="mit")
-    source = stage(tmp_path, "sft", model, tokenizer, parent=pre)
-    out = export_model(source, tmp_path / "export")
-    name, logits = clean_load(out)
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, tokenizer):
+    """The three export kinds (remote-code causal LM, plain Llama, remote-code classifier) and their clean loads."""
+    root = tmp_path_factory.mktemp("exports")
+    causal, llama = tiny(), tiny(num_key_value_heads=1)
+    classifier = tiny(head=PipelineGPTForSequenceClassification, num_labels=1, pad_token_id=0)
+    pre = stage(root, "pretrain", tiny(), tokenizer, license="mit")
+    made = {"causal": (causal, export_model(stage(root, "sft", causal, tokenizer, parent=pre), root / "export")),
+            "llama": (llama, export_model(stage(root, "sft-l", llama, tokenizer), root / "llama", format="llama")),
+            "classifier": (classifier, export_model(stage(root, "reward", classifier, tokenizer), root / "cls"))}
+    loaded = clean_load_all([(made["causal"][1], "AutoModelForCausalLM", True),
+                             (made["llama"][1], "AutoModelForCausalLM", False),
+                             (made["classifier"][1], "AutoModelForSequenceClassification", True)])
+    return {key: (*made[key], *result) for key, result in zip(made, loaded)}
+
+
+def test_export_loads_in_a_clean_process_with_equal_logits(exports, tokenizer):
+    model, out, name, logits = exports["causal"]
     assert name == "PipelineGPTForCausalLM"
     assert torch.allclose(logits, model(IDS).logits.flatten()[:20], atol=1e-5)
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == tokenizer.eos_token_id
@@ -80,10 +95,8 @@ def test_single_licence_is_inherited(tmp_path, tokenizer):
     assert ModelCard.load(out / "README.md").data.license == "apache-2.0"
 
 
-def test_llama_export_loads_without_remote_code(tmp_path, tokenizer):
-    model = tiny(num_key_value_heads=1)
-    out = export_model(stage(tmp_path, "sft", model, tokenizer), tmp_path / "llama", format="llama")
-    name, logits = clean_load(out, remote=False)
+def test_llama_export_loads_without_remote_code(exports):
+    model, out, name, logits = exports["llama"]
     assert name == "LlamaForCausalLM"
     assert torch.allclose(logits, model(IDS).logits.flatten()[:20], atol=1e-5)
     assert not (out / "modeling_pipeline_gpt.py").exists()
@@ -96,18 +109,16 @@ def test_non_llama_architecture_is_refused_with_the_reason(tmp_path, tokenizer):
     assert not (tmp_path / "llama").exists()
 
 
-def test_sequence_classifier_export(tmp_path, tokenizer):
-    model = tiny(head=PipelineGPTForSequenceClassification, num_labels=1, pad_token_id=0)
-    out = export_model(stage(tmp_path, "reward", model, tokenizer), tmp_path / "export")
-    name, logits = clean_load(out, cls="AutoModelForSequenceClassification")
+def test_sequence_classifier_export(exports):
+    model, out, name, logits = exports["classifier"]
     assert name == "PipelineGPTForSequenceClassification"
     assert torch.allclose(logits, model(IDS).logits.flatten()[:20], atol=1e-5)
 
 
 SAMPLE = "PRIVATE-ROLLOUT What is 12 plus 3?"  # a PPO sample text: training data, must not be uploaded
-EXPORT_FILES = ["README.md", "chat_template.jinja", "config.json", "configuration_pipeline_gpt.py", "generation_config.json",
-                "model.safetensors", "modeling_pipeline_gpt.py", "pipeline_lineage.json", "pipeline_manifest.json",
-                "tokenizer.json", "tokenizer_config.json"]
+EXPORT_FILES = ["README.md", "chat_template.jinja", "config.json", "configuration_pipeline_gpt.py",
+                "generation_config.json", "model.safetensors", "modeling_pipeline_gpt.py", "pipeline_lineage.json",
+                "pipeline_manifest.json", "tokenizer.json", "tokenizer_config.json"]
 
 
 @pytest.fixture(scope="module")

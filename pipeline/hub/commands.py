@@ -68,9 +68,11 @@ def register_commands(commands) -> None:
     p = commands.add_parser("push", help="upload an export folder to the Hugging Face Hub")
     p.add_argument("folder")
     p.add_argument("repo_id", help="user/name")
-    p.add_argument("--public", action="store_true", help="create the repository public (default: private); needed to push to an existing public one")
+    p.add_argument("--public", action="store_true",
+                   help="create the repository public (default: private); needed to push to an existing public one")
     p.add_argument("--dry-run", dest="dry_run", action="store_true", help="list the files, upload nothing")
-    p.add_argument("--token", help="a Hub token (default: HF_TOKEN or the stored login); never printed, but kept in shell history")
+    p.add_argument("--token", help="a Hub token (default: HF_TOKEN or the stored login); never printed, but it lands "
+                                   "in shell history")
     p.set_defaults(func=push)
 
     p = commands.add_parser("chat", help="chat with a model through its chat template (streams; /exit quits)")

@@ -1,6 +1,7 @@
 """PipelineGPT: parity with transformers' Llama and GPT-2, attention backends, cache, padding, packing, knobs."""
 
 import itertools
+import os
 import re
 
 import pytest
@@ -232,12 +233,27 @@ def test_packed_sdpa_attends_span_by_span_and_matches_the_masked_eager_path():
     torch.testing.assert_close(grads["sdpa"][1], grads["eager"][1], atol=1e-5, rtol=1e-4)
 
 
-def test_flex_attention_matches_eager_in_inference():
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not os.environ.get("PIPELINE_SLOW_TESTS"), reason="compiling flex attention takes minutes on CPU; "
+                                                      "set PIPELINE_SLOW_TESTS=1"))])
+def test_flex_attention_matches_eager_in_inference(compiled, monkeypatch):
+    calls = []
+    if not compiled:  # the model's flex path (block mask, scaling, GQA) through torch's unfused flex attention
+        import transformers.integrations.flex_attention as flex_integration
+        from torch.nn.attention.flex_attention import flex_attention
+
+        def unfused(query, key, value, training=False, **kwargs):
+            calls.append(kwargs.get("block_mask"))
+            return flex_attention(query, key, value, **kwargs)
+
+        monkeypatch.setattr(flex_integration, "compile_friendly_flex_attention", unfused)
     eager, flex = tiny(), tiny()
     flex.set_attn_implementation("flex_attention")
     x = tokens(2, 16)
     with torch.no_grad():  # flex attention has no CPU backward in torch 2.13
         torch.testing.assert_close(flex(x).logits, eager(x).logits, atol=1e-5, rtol=0)
+    if not compiled:
+        assert len(calls) == 2 and all(mask is not None for mask in calls)  # one call per layer, with a block mask
 
 
 # --- heads ---------------------------------------------------------------------------------------------------------

@@ -40,10 +40,21 @@ def test_report_structure(demo):
     stages = [row["stage"] for row in report["stages"]]
     assert stages == ["tokenizer", "pretrain", "sft", "reward", "ppo", "dpo", "export"]
     metrics = {row["stage"]: row["metrics"] for row in report["stages"]}
-    assert metrics["pretrain"]["perplexity"] > 1 and 0 <= metrics["pretrain"]["exact_match"] <= 1
-    for stage in ("sft", "ppo", "dpo"):
-        assert 0 <= metrics[stage]["exact_match"] <= 1
-    assert 0 <= metrics["reward"]["reward_accuracy"] <= 1 and "mean_reward" in metrics["ppo"]
+    manifests = {s: json.loads((out / s / "pipeline_manifest.json").read_text())["metrics"] for s in stages[1:-1]}
+    # The report copies each stage's own measurements from its manifest, unchanged.
+    for stage, keys in {"pretrain": ["perplexity"], "sft": ["exact_match"], "dpo": ["exact_match"],
+                        "reward": ["reward_accuracy", "reward_margin"],
+                        "ppo": ["exact_match", "mean_reward", "mean_reward_first"]}.items():
+        assert {k: metrics[stage][k] for k in keys} == {k: manifests[stage][k] for k in keys}, stage
+    assert metrics["pretrain"]["perplexity"] > 1
+    for stage in ("pretrain", "sft", "ppo", "dpo"):  # --eval_tasks 6: exact match is a count of sixths
+        assert metrics[stage]["exact_match"] * 6 == pytest.approx(round(metrics[stage]["exact_match"] * 6)), stage
+    assert metrics["reward"]["reward_accuracy"] * 5 == pytest.approx(round(metrics["reward"]["reward_accuracy"] * 5))
+    assert metrics["ppo"]["mean_reward"] == pytest.approx(manifests["ppo"]["reward_history"][-1])  # 2 steps: last
+    # The base model's few-shot score is recomputed from the saved pretrain model.
+    from pipeline.stages.chain import base_model_scores
+
+    assert base_model_scores(out, 6)["exact_match"] == metrics["pretrain"]["exact_match"]
     assert all(m["wall_seconds"] > 0 for m in metrics.values())
     table = (out / "report.md").read_text()
     assert all(f"| {s} |" in table for s in stages)
@@ -113,4 +124,7 @@ def test_readme_real_data_chain_runs(shared_data, tmp_path):
     sft = json.loads((out / "sft" / "pipeline_manifest.json").read_text())
     reward = json.loads((out / "reward" / "pipeline_manifest.json").read_text())
     assert sft["datasets"][0]["name"].endswith("alpaca_en_0-3252.json") and sft["datasets"][0]["rows"] > 3000
-    assert reward["datasets"][0]["rows"] == 1800 and 0 <= reward["metrics"]["reward_accuracy"] <= 1
+    assert reward["datasets"][0]["rows"] == 1800
+    reported = {row["stage"]: row["metrics"] for row in report["stages"]}["reward"]
+    assert reported["reward_accuracy"] == reward["metrics"]["reward_accuracy"]  # measured on held-out HH pairs
+    assert reported["reward_margin"] == reward["metrics"]["reward_margin"]

@@ -1,6 +1,7 @@
 """PipelineGPT: parity with transformers' Llama and GPT-2, attention backends, cache, padding, packing, knobs."""
 
 import itertools
+import os
 import re
 
 import pytest
@@ -232,12 +233,27 @@ def test_packed_sdpa_attends_span_by_span_and_matches_the_masked_eager_path():
     torch.testing.assert_close(grads["sdpa"][1], grads["eager"][1], atol=1e-5, rtol=1e-4)
 
 
-def test_flex_attention_matches_eager_in_inference():
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not os.environ.get("PIPELINE_SLOW_TESTS"), reason="compiling flex attention takes minutes on CPU; "
+                                                      "set PIPELINE_SLOW_TESTS=1"))])
+def test_flex_attention_matches_eager_in_inference(compiled, monkeypatch):
+    calls = []
+    if not compiled:  # the model's flex path (block mask, scaling, GQA) through torch's unfused flex attention
+        import transformers.integrations.flex_attention as flex_integration
+        from torch.nn.attention.flex_attention import flex_attention
+
+        def unfused(query, key, value, training=False, **kwargs):
+            calls.append(kwargs.get("block_mask"))
+            return flex_attention(query, key, value, **kwargs)
+
+        monkeypatch.setattr(flex_integration, "compile_friendly_flex_attention", unfused)
     eager, flex = tiny(), tiny()
     flex.set_attn_implementation("flex_attention")
     x = tokens(2, 16)
     with torch.no_grad():  # flex attention has no CPU backward in torch 2.13
         torch.testing.assert_close(flex(x).logits, eager(x).logits, atol=1e-5, rtol=0)
+    if not compiled:
+        assert len(calls) == 2 and all(mask is not None for mask in calls)  # one call per layer, with a block mask
 
 
 # --- heads ---------------------------------------------------------------------------------------------------------
@@ -329,3 +345,49 @@ def test_unknown_preset_lists_choices():
 
 def test_gpt2_preset_defaults_to_four_times_width():
     assert PipelineGPTConfig.preset("gpt2", hidden_size=48, num_attention_heads=4).intermediate_size == 192
+
+
+# --- return_dict=False: every head returns transformers' tuple, element for element ---------------------------
+
+def flatten(value):
+    """Tensors of an output in order; a cache becomes its per-layer keys and values."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if hasattr(value, "layers"):  # DynamicCache
+        return [t for layer in value.layers for t in (layer.keys, layer.values)]
+    return [t for item in value for t in flatten(item)]
+
+
+@pytest.mark.parametrize("head", ["base", "causal_lm", "sequence_classification"])
+@pytest.mark.parametrize("how", ["call", "config"])
+def test_return_dict_false_gives_the_dict_outputs_as_a_tuple(head, how):
+    from pipeline.modeling import PipelineGPTModel
+
+    causal = tiny()
+    model = {"base": lambda: causal.model,
+             "causal_lm": lambda: causal,
+             "sequence_classification": lambda: PipelineGPTForSequenceClassification(causal.config).eval()}[head]()
+    ids = tokens()
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, output_hidden_states=True)
+    if head != "base":
+        kwargs["labels"] = ids if head == "causal_lm" else torch.tensor([0, 1])
+    with torch.no_grad():
+        as_dict = model(**kwargs)
+        if how == "call":
+            as_tuple = model(**kwargs, return_dict=False)
+        else:
+            model.config.return_dict = False
+            as_tuple = model(**kwargs)
+            model.config.return_dict = True
+    assert isinstance(as_tuple, tuple) and not hasattr(as_tuple, "keys")
+    expected = [k for k, v in as_dict.items() if v is not None]  # transformers' to_tuple drops None fields
+    assert expected == {"base": ["last_hidden_state", "past_key_values", "hidden_states"],
+                        "causal_lm": ["loss", "logits", "past_key_values", "hidden_states"],
+                        "sequence_classification": ["loss", "logits", "past_key_values", "hidden_states"]}[head]
+    assert len(as_tuple) == len(expected)
+    for name, value in zip(expected, as_tuple):
+        left, right = flatten(as_dict[name]), flatten(value)
+        assert len(left) == len(right) > 0, name
+        for a, b in zip(left, right):
+            torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+    assert isinstance(model, PipelineGPTModel) == (head == "base")

@@ -77,45 +77,63 @@ CLEAN_LOAD = textwrap.dedent("""
     except ImportError:
         pass
     import torch, transformers
-    path, auto_name, out = sys.argv[1], sys.argv[2], sys.argv[3]
-    auto_class = getattr(transformers, auto_name)
-    model = auto_class.from_pretrained(path, trust_remote_code=True).eval()
-    x = torch.load(path + "/x.pt")
-    with torch.no_grad():
-        result = model(x, attention_mask=torch.ones_like(x))
-    tensor = result.logits if hasattr(result, "logits") else result.last_hidden_state
-    torch.save(tensor, out)
-    print(type(model).__module__, type(model).__name__)
-    if auto_name == "AutoModelForCausalLM":
-        generated = model.generate(x[:, :3], max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0)
-        print("generated", tuple(generated.shape))
+    for path, auto_name, out in json.loads(sys.argv[1]):  # every head in this one process
+        auto_class = getattr(transformers, auto_name)
+        model = auto_class.from_pretrained(path, trust_remote_code=True).eval()
+        x = torch.load(path + "/x.pt", weights_only=True)
+        with torch.no_grad():
+            result = model(x, attention_mask=torch.ones_like(x))
+            as_tuple = model(x, attention_mask=torch.ones_like(x), return_dict=False)  # the remote code's tuple
+        tensor = result.logits if hasattr(result, "logits") else result.last_hidden_state
+        torch.save([tensor, as_tuple[0]], out)
+        print(auto_name, type(model).__module__, type(model).__name__)
+        if auto_name == "AutoModelForCausalLM":
+            generated = model.generate(x[:, :3], max_new_tokens=3, do_sample=False, eos_token_id=None,
+                                       pad_token_id=0)
+            print("generated", tuple(generated.shape))
 """)
 
 
-@pytest.mark.parametrize("head", sorted(HEADS))
-def test_clean_process_loads_through_remote_code(tmp_path, head):
-    head_class, _ = HEADS[head]
-    model = build(head_class, "qk_norm", key_smear=2)
-    with torch.no_grad():  # gates away from their initial value, so a load that re-initialised them would show
-        for layer in getattr(model, "model", model).layers:
-            layer.self_attn.key_smear.copy_(torch.tensor([[-1.5, 2.5, 0.3], [0.7, -0.2, 1.1]]))
-    folder = tmp_path / "model"
-    model.save_pretrained(folder)
-    torch.save(X, folder / "x.pt")
-    script = tmp_path / "load.py"
+@pytest.fixture(scope="module")
+def clean_loads(tmp_path_factory):
+    """Every head saved with smeared keys and loaded through its remote code in ONE fresh process."""
+    root = tmp_path_factory.mktemp("clean")
+    models, jobs = {}, []
+    for head in sorted(HEADS):
+        model = build(HEADS[head][0], "qk_norm", key_smear=2)
+        with torch.no_grad():  # gates away from their initial value, so a load that re-initialised them would show
+            for layer in getattr(model, "model", model).layers:
+                layer.self_attn.key_smear.copy_(torch.tensor([[-1.5, 2.5, 0.3], [0.7, -0.2, 1.1]]))
+        folder = root / head
+        model.save_pretrained(folder)
+        torch.save(X, folder / "x.pt")
+        models[head] = model
+        jobs.append([str(folder), head, str(root / f"{head}.pt")])
+    script = root / "load.py"
     script.write_text(CLEAN_LOAD)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    outside = tmp_path / "elsewhere"
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(root / "modules"))
+    outside = root / "elsewhere"
     outside.mkdir()
-    proc = subprocess.run([sys.executable, "-P", str(script), str(folder), head, str(tmp_path / "out.pt")],
-                          cwd=outside, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-P", str(script), json.dumps(jobs)], cwd=outside, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    module, name = proc.stdout.split("\n")[0].split()
+    return root, models, proc.stdout
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_clean_process_loads_through_remote_code(clean_loads, head):
+    root, models, stdout = clean_loads
+    head_class = HEADS[head][0]
+    (line,) = [line for line in stdout.splitlines() if line.startswith(head + " ")]
+    _, module, name = line.split()
     assert module.startswith("transformers_modules.") and name == head_class.__name__
     if head == "AutoModelForCausalLM":
-        assert "generated (2, 6)" in proc.stdout
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), output_of(model, X).detach(), atol=0, rtol=0)
+        assert "generated (2, 6)" in stdout
+    loaded, first_of_tuple = torch.load(root / f"{head}.pt", weights_only=True)
+    expected = output_of(models[head], X).detach()
+    torch.testing.assert_close(loaded, expected, atol=0, rtol=0)
+    torch.testing.assert_close(first_of_tuple, expected, atol=0, rtol=0)  # return_dict=False: logits come first
 
 
 def test_reward_model_from_causal_checkpoint_keeps_backbone(tmp_path):

@@ -299,3 +299,71 @@ def test_stage_rejects_a_negative_thread_count():
 
     with pytest.raises(ValueError, match="cpu_threads: must be >= 0"):
         run_ppo(PPOArguments(cpu_threads=-1), PPOConfig())
+
+
+# --- rollout options: chunked rollouts, unwhitened advantages, the k3 estimator, top_k ----------------------------
+
+def rollout(trainer, step: int = 0) -> dict:
+    with torch.no_grad():
+        return trainer._rollout(step)
+
+
+def test_top_k_one_samples_the_greedy_answer(tokenizer, tmp_path):
+    trainer = make_trainer(tokenizer, tmp_path / "k1", top_k=1)
+    out = rollout(trainer)["batch"]
+    with torch.no_grad():  # the policy's own greedy continuation of the same (left-padded) prompts
+        greedy = trainer.policy.generate(input_ids=out["query"], attention_mask=out["query_mask"], do_sample=False,
+                                         max_new_tokens=6, eos_token_id=2, pad_token_id=0)
+    width = out["query"].shape[1]
+    for row, mask, expected in zip(out["response"], out["response_mask"], greedy[:, width:]):
+        n = int(mask.sum())
+        assert row[:n].tolist() == expected[:n].tolist()
+    # top_k=3: every sampled token is one of the 3 most likely under the policy at its position
+    trainer = make_trainer(tokenizer, tmp_path / "k3", top_k=3)
+    out = rollout(trainer)["batch"]
+    ids = torch.cat([out["query"], out["response"]], 1)
+    with torch.no_grad():
+        logits = trainer.policy(input_ids=ids, attention_mask=torch.cat([out["query_mask"], out["response_mask"]],
+                                                                         1)).logits
+    top3 = logits[:, width - 1:-1].topk(3, dim=-1).indices  # (B, T, 3): the candidates for each response token
+    chosen = (top3 == out["response"].unsqueeze(-1)).any(-1)
+    assert chosen[out["response_mask"].bool()].all()
+
+
+def test_rollout_in_chunks_equals_one_batch(tokenizer, tmp_path):
+    """rollout_batch_size=1: each chunk has its own prompt width and is left-padded again before they are joined."""
+    whole = rollout(make_trainer(tokenizer, tmp_path / "whole", top_k=1))  # top_k=1: sampling cannot differ
+    chunked = rollout(make_trainer(tokenizer, tmp_path / "chunked", top_k=1, rollout_batch_size=1))
+    assert (whole["batch"]["query_mask"] == 0).any()  # prompts of 2-4 tokens: the joined batch is padded
+    assert whole["batch"].keys() == chunked["batch"].keys()
+    for key, value in whole["batch"].items():
+        torch.testing.assert_close(chunked["batch"][key], value, atol=1e-5, rtol=1e-5, msg=key)
+    for key, value in whole["stats"].items():
+        torch.testing.assert_close(chunked["stats"][key], value, atol=1e-5, rtol=1e-5, msg=key)
+
+
+def test_whiten_advantages_false_keeps_the_gae_advantages(tokenizer, tmp_path):
+    raw = rollout(make_trainer(tokenizer, tmp_path / "raw", whiten_advantages=False, top_k=1))["batch"]
+    white = rollout(make_trainer(tokenizer, tmp_path / "white", top_k=1))["batch"]
+    mask = raw["response_mask"].bool()
+    # GAE's identity: return = advantage + value on every real token (whitening touches only the advantages)
+    torch.testing.assert_close((raw["advantages"] + raw["values"])[mask], raw["returns"][mask])
+    torch.testing.assert_close(white["returns"], raw["returns"])
+    a = raw["advantages"][mask]
+    assert abs(a.mean().item()) > 1e-3  # unwhitened: not centred
+    expected = (a - a.mean()) / a.std(unbiased=True)  # whitened: centred and scaled (Bessel-corrected)
+    torch.testing.assert_close(white["advantages"][mask], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_k3_kl_is_the_non_negative_estimator_of_the_sampled_log_ratio(tokenizer, tmp_path):
+    k3 = rollout(make_trainer(tokenizer, tmp_path / "k3", scramble=True, kl_estimator="k3", top_k=1))
+    k1 = rollout(make_trainer(tokenizer, tmp_path / "k1", scramble=True, top_k=1))
+    batch, mask = k3["batch"], k3["batch"]["response_mask"]
+    log_ratio = (batch["logprobs"] - batch["ref_logprobs"]) * mask  # policy (scrambled) != reference
+    per_token = (torch.exp(-log_ratio) - 1 + log_ratio) * mask  # k3 = (r - 1) - log r, r = p_ref / p
+    assert (per_token >= 0).all() and (per_token <= log_ratio.clamp(min=0) + 1e-6).all()  # 0 <= k3 < k1 for k1 > 0
+    assert (log_ratio[mask.bool()] > 0.1).all()  # the policy really differs from its reference
+    assert k3["stats"]["kl"].item() == pytest.approx(per_token.sum(1).mean().item(), rel=1e-5)
+    assert k1["stats"]["kl"].item() == pytest.approx(log_ratio.sum(1).mean().item(), rel=1e-5)
+    torch.testing.assert_close(k1["batch"]["logprobs"], batch["logprobs"])  # same rollout, only the estimator differs
+    assert k3["stats"]["kl"].item() > 0

@@ -1,5 +1,6 @@
 """Stage arguments (YAML + overrides, errors with file:line), atomic outputs, manifests and lineage checks."""
 
+import dataclasses
 import json
 
 import pytest
@@ -220,6 +221,24 @@ def test_every_shipped_config_parses(path):
     if "bf16: true" in path.read_text() and not torch.cuda.is_available():
         argv += ["--bf16", "false"]  # GPU configs: transformers refuses bf16 on a CPU-only machine at parse time
     parsed = parse_stage_args(_recipe_types(stage), argv)
-    assert all(p is not None for p in parsed)
+    # Every key of the file reaches its dataclass field with the file's value.
+    import yaml
+
+    written = yaml.safe_load(path.read_text())
+    if "--bf16" in argv:
+        written["bf16"] = False
+    mismatched, unplaced = {}, []
+    for key, value in written.items():
+        owners = [p for p in parsed if key in {f.name for f in dataclasses.fields(p)}]
+        if not owners:
+            unplaced.append(key)
+            continue
+        got = getattr(owners[0], key)
+        got = getattr(got, "value", got)  # enums (lr_scheduler_type, ...) compare by their string value
+        if key == "report_to" and value == "none":
+            value = got if got in ("none", [], ["none"]) else value  # transformers normalises "none"
+        if got != value and not (isinstance(value, str) and isinstance(got, list) and got == [value]):
+            mismatched[key] = (value, got)
+    assert not unplaced and not mismatched, (unplaced, mismatched)
     # A user has only this repository: data comes from Hub ids or the embedded demo, never from beside the checkout.
     assert "../" not in path.read_text(), f"{path.name} reads a path outside the repository"

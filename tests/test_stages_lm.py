@@ -41,6 +41,13 @@ def manifest(path: Path) -> dict:
     return json.loads((path / "pipeline_manifest.json").read_text())
 
 
+def held_out_rows(meta: dict, arguments, test_size: float) -> list[dict]:
+    """The evaluation split a stage measured, rebuilt from the stage arguments its manifest recorded."""
+    from pipeline.stages.training import resolve_mixture
+
+    return resolve_mixture(arguments(**meta["config"]["stage"]), default_test_size=test_size).eval
+
+
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     root = tmp_path_factory.mktemp("chain")
@@ -79,7 +86,10 @@ def test_sft_methods_run_and_load(chain, tmp_path, method):
     meta = manifest(out)
     assert meta["artifact"] == ("model" if method in ("full", "freeze") else "adapter")
     assert meta["parent"]["path"] == str(chain / "pretrain")
-    assert 0.0 <= meta["metrics"]["exact_match"] <= 1.0 and meta["metrics"]["train_loss"] > 0
+    assert meta["metrics"]["train_loss"] > 0
+    # exact match over 6 held-out tasks is a count of sixths, and the per-kind rates add up to it
+    solved = meta["metrics"]["exact_match"] * 6
+    assert solved == pytest.approx(round(solved), abs=1e-9)
     if method in ("full", "freeze"):
         from transformers import AutoModelForCausalLM
 
@@ -94,11 +104,18 @@ def test_sft_methods_run_and_load(chain, tmp_path, method):
 
         model = AutoPeftModelForCausalLM.from_pretrained(out)
     assert model(torch.tensor([[1, 5, 6]])).logits.shape[-1] == 300
+    if method in ("full", "lora"):  # the saved model scores what the stage reported, on the same 6 tasks
+        from transformers import AutoTokenizer
+
+        from pipeline.evaluation.evaluators import held_out_demo_metrics
+
+        again = held_out_demo_metrics(model.eval(), AutoTokenizer.from_pretrained(out), 6)
+        assert again["exact_match"] == meta["metrics"]["exact_match"]
     if method == "lora":
         merged = tmp_path / "merged"
-        done = subprocess.run([sys.executable, "-m", "pipeline.cli", "merge", str(out), str(merged)], cwd=REPO,
-                              env=ENV, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-3000:]
+        from pipeline.cli import main  # in process: a fresh interpreter would prove nothing more here
+
+        assert main(["merge", str(out), str(merged)]) == 0
         from transformers import AutoModelForCausalLM
 
         plain = AutoModelForCausalLM.from_pretrained(merged)
@@ -194,11 +211,22 @@ def test_classify_stage_reports_accuracy(chain, tmp_path):
     launch("classify", "--output_dir", str(out), "--model_name_or_path", str(chain / "pretrain"),
            "--dataset_path", "demo:classification?n=120", "--max_steps", "4", *TINY_TRAIN)
     meta = manifest(out)
-    assert 0.0 <= meta["metrics"]["accuracy"] <= 1.0
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    model = AutoModelForSequenceClassification.from_pretrained(out)
+    from pipeline.stages.classify import ClassifyArguments
+
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert model.config.num_labels == 2
+    # Recomputed by hand from the saved model, one held-out row at a time (no padding involved).
+    rows, tokenizer = held_out_rows(meta, ClassifyArguments, 0.1), AutoTokenizer.from_pretrained(out)
+    assert len(rows) >= 5  # about 10% of 120 rows, after the loader's cleaning
+    right = 0
+    for row in rows:
+        ids = tokenizer(row["text"], truncation=True, max_length=meta["config"]["stage"]["max_length"],
+                        return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            right += int(model(ids).logits.argmax(-1).item() == row["label"])
+    assert meta["metrics"]["accuracy"] == pytest.approx(right / len(rows), abs=1e-9)
 
 
 # --------------------------------------------------------------------------- alignment stages
@@ -225,11 +253,21 @@ def reward(chain, sft_lora):
 
 def test_reward_model_from_a_lora_sft(reward):
     meta = manifest(reward)
-    assert meta["artifact"] == "model" and 0 <= meta["metrics"]["reward_accuracy"] <= 1
-    from transformers import AutoModelForSequenceClassification
+    assert meta["artifact"] == "model"
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    model = AutoModelForSequenceClassification.from_pretrained(reward)
+    from pipeline.evaluation.evaluators import pairwise_reward_accuracy
+    from pipeline.stages.reward import RewardArguments
+
+    model = AutoModelForSequenceClassification.from_pretrained(reward).eval()
     assert model.config.num_labels == 1 and type(model).__name__ == "PipelineGPTForSequenceClassification"
+    # The saved (merged) model reproduces the reported accuracy and margin on the same held-out pairs.
+    pairs = held_out_rows(meta, RewardArguments, 0.05)
+    assert len(pairs) == 6  # 5% of 120
+    again = pairwise_reward_accuracy(model, AutoTokenizer.from_pretrained(reward), pairs)
+    assert meta["metrics"]["reward_accuracy"] == pytest.approx(again["accuracy"], abs=1e-9)
+    assert meta["metrics"]["reward_margin"] == pytest.approx(again["margin"], abs=1e-4)
+    assert meta["metrics"]["reward_accuracy"] * 6 == pytest.approx(round(meta["metrics"]["reward_accuracy"] * 6))
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
@@ -240,7 +278,11 @@ def test_ppo_stage_writes_a_loadable_policy(chain, sft_lora, reward, tmp_path, m
            "--save_steps", "2", "--eval_demo_tasks", "6", "--method", method, "--lora_r", "4")
     meta = manifest(out)
     assert meta["stage"] == "ppo" and len(meta["metrics"]["reward_history"]) == 3
-    assert 0 <= meta["metrics"]["exact_match"] <= 1 and meta["config"]["ppo"]["max_steps"] == 3
+    assert meta["config"]["ppo"]["max_steps"] == 3
+    solved = meta["metrics"]["exact_match"] * 6  # a count of sixths over the 6 held-out tasks
+    assert solved == pytest.approx(round(solved), abs=1e-9)
+    # mean_reward is the mean of the last quarter of the per-step rewards (one step of three)
+    assert meta["metrics"]["mean_reward"] == pytest.approx(meta["metrics"]["reward_history"][-1])
     assert load_causal_lm(out)(torch.tensor([[1, 4, 5]])).logits.shape[-1] == 300
 
 
@@ -250,11 +292,20 @@ def test_dpo_on_policy_and_grpo(chain, sft_lora, tmp_path):
            "--eval_demo_tasks", "6", "--loss_type", "ipo", "--loss_weights", "1.0", *TINY_TRAIN)
     meta = manifest(tmp_path / "dpo")
     assert meta["metrics"]["pairs_prompts"] > 30 and meta["config"]["training"]["loss_type"] == ["ipo"]
+    # Step 1 starts with policy == reference (full fine-tuning, no dropout), so every pair's log-ratio margin is 0
+    # and the IPO loss is (0 - 1 / (2 * beta))^2 = (1 / 0.2)^2 = 25 with beta 0.1; step 2 has moved away from it.
+    assert meta["config"]["training"]["beta"] == 0.1
+    (step1, loss1), (step2, loss2) = meta["metrics"]["loss_history"]
+    assert (step1, step2) == (1, 2) and loss1 == pytest.approx(25.0, rel=1e-3)
+    assert loss2 == loss2 and abs(loss2 - 25.0) > 1e-3
     load_causal_lm(tmp_path / "dpo")
     launch("grpo", "--output_dir", str(tmp_path / "grpo"), "--model_name_or_path", str(sft_lora),
            "--dataset_path", "demo:prompts?n=40", "--max_steps", "2", "--num_generations", "4",
            "--eval_demo_tasks", "6", *TINY_TRAIN)
-    assert manifest(tmp_path / "grpo")["metrics"]["reward_history"]
+    grpo = manifest(tmp_path / "grpo")["metrics"]
+    assert len(grpo["reward_history"]) == 2  # one logged reward per step (logging_steps=1)
+    assert (grpo["mean_reward_first"], grpo["mean_reward"]) == tuple(grpo["reward_history"])  # quarter = 1 step
+    assert [step for step, _ in grpo["loss_history"]] == [1, 2]
     load_causal_lm(tmp_path / "grpo")
 
 
@@ -264,5 +315,14 @@ def test_reward_model_on_real_hh_pairs(chain, sft_lora, shared_data, tmp_path):
            str(shared_data / "preference" / "hh_rlhf_harmless_base_test_0-1800.jsonl"), "--max_steps", "3",
            "--max_length", "256", *TINY_TRAIN)
     meta = manifest(out)
-    assert 0 <= meta["metrics"]["reward_accuracy"] <= 1
     assert meta["datasets"][0]["rows"] == 1800
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline.evaluation.evaluators import pairwise_reward_accuracy
+    from pipeline.stages.reward import RewardArguments
+
+    pairs = held_out_rows(meta, RewardArguments, 0.05)  # the held-out HH pairs, rebuilt from the manifest
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    again = pairwise_reward_accuracy(model, AutoTokenizer.from_pretrained(out), pairs)
+    assert meta["metrics"]["reward_accuracy"] == pytest.approx(again["accuracy"], abs=1e-9)
+    assert meta["metrics"]["reward_accuracy"] * len(pairs) == pytest.approx(round(again["accuracy"] * len(pairs)))

@@ -578,7 +578,7 @@ class PPOTrainer:
         if not rng_file.is_file():
             raise FileNotFoundError(f"{rng_file} is missing: resume with as many processes as the run that saved "
                                     f"{path}")
-        rng = torch.load(rng_file, weights_only=False)
+        rng = torch.load(rng_file, map_location="cpu", weights_only=True)  # tensors and tuples of ints only
         random.setstate(rng["python"])
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():

@@ -10,7 +10,9 @@ from pipeline.data.chat_templates import stop_token_ids
 from pipeline.errors import ConfigError
 
 
-def load_chat_model(path: str | Path):
+def load_chat_model(path: str | Path, *, trust_remote_code: bool = False):
+    """Model and tokenizer of `path`; code shipped in the folder runs only with `trust_remote_code=True`
+    (PipelineGPT is registered by `import pipeline`, so our own folders load without it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import pipeline  # noqa: F401  (registers PipelineGPT)
@@ -19,10 +21,10 @@ def load_chat_model(path: str | Path):
     if (path / "adapter_config.json").is_file():
         from peft import AutoPeftModelForCausalLM
 
-        model = AutoPeftModelForCausalLM.from_pretrained(path)
+        model = AutoPeftModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if not tokenizer.chat_template:
         raise ConfigError(f"{path}: the tokenizer has no chat template; chat needs a chat-tuned model")
     return model.eval(), tokenizer
@@ -51,9 +53,10 @@ def reply(model, tokenizer, history: list[dict], *, max_new_tokens: int = 128, t
     return "".join(pieces).strip()
 
 
-def chat_loop(path: str | Path, *, system: str | None = None, lines=None, out=sys.stdout, **sampling) -> list[dict]:
+def chat_loop(path: str | Path, *, system: str | None = None, lines=None, out=sys.stdout,
+              trust_remote_code: bool = False, **sampling) -> list[dict]:
     """Read user turns from `lines` (stdin by default) until EOF or /exit; returns the conversation."""
-    model, tokenizer = load_chat_model(path)
+    model, tokenizer = load_chat_model(path, trust_remote_code=trust_remote_code)
     history = [{"role": "system", "content": system}] if system else []
     lines = lines if lines is not None else _stdin_lines(out)
     for line in lines:

@@ -10,21 +10,26 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from transformers import initialization as init
+# ---- transformers internals this file depends on (all in one place on purpose) -------------------------------------
+# Remote code may import only `torch`, absolute `transformers.*` modules and the sibling config below. Several of
+# these names are semi-private (not in transformers' top-level namespace) and move between minor releases: this
+# block is what to check when pyproject's `transformers` pin is raised. Verified against transformers 5.23.
+from transformers import initialization as init  # init.normal_/copy_: respected by meta-device loading
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.masking_utils import create_causal_mask  # semi-private
+from transformers.modeling_layers import GradientCheckpointingLayer  # semi-private
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
-from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import capture_outputs
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update  # semi-private
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep  # semi-private
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults  # semi-private decorators
+from transformers.utils.output_capturing import capture_outputs  # semi-private: fills hidden_states/attentions
+# ----------------------------------------------------------------------------------------------------------------------
 
 from .configuration_pipeline_gpt import PipelineGPTConfig
 
@@ -421,6 +426,7 @@ class PipelineGPTForCausalLM(PipelineGPTPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple  # return_dict=False (call or config) gives transformers' tuple: (loss?, logits, cache?, ...)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -440,6 +446,7 @@ class PipelineGPTForCausalLM(PipelineGPTPreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,  # the head reads fields; its own tuple (if asked) comes from can_return_tuple
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
@@ -471,6 +478,7 @@ class PipelineGPTForSequenceClassification(PipelineGPTPreTrainedModel):
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -489,6 +497,7 @@ class PipelineGPTForSequenceClassification(PipelineGPTPreTrainedModel):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,  # the head reads fields; its own tuple (if asked) comes from can_return_tuple
             **kwargs,
         )
         logits = self.score(outputs.last_hidden_state)  # (B, T, num_labels)

@@ -167,6 +167,9 @@ def test_misspelt_flag_suggests_the_right_one(capsys):
     argv = ["--config", str(REPO / "recipes/configs/demo/sft.yaml"), "--learnign_rate", "0.1"]
     assert run_entry_point(sft.main, argv) == 1
     one_error_line(capsys, "--learnign_rate: unknown flag (did you mean --learning_rate?)")
+    assert cli(["data", "prepare", "--config", str(REPO / "recipes/configs/demo/pretrain.yaml"), "--learnign_rate",
+                "0.1"]) == 1
+    one_error_line(capsys, "--learnign_rate: unknown flag (did you mean --learning_rate?)")
     demo = recipe("demo")
     assert run_entry_point(demo.main, ["--overwirte", "true"]) == 1
     one_error_line(capsys, "--overwirte: unknown flag (did you mean --overwrite?)")

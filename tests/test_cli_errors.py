@@ -198,10 +198,11 @@ def test_user_error_classes_live_in_one_place():
     from pipeline.data.validation import DataValidationError
     from pipeline.hub.push import MissingTokenError
     from pipeline.stages.common import ConfigError as StageConfigError
+    from pipeline.stages.training import NonFiniteLossError
 
     assert StageConfigError is ConfigError
     for cls in (ConfigError, DataError, LaunchError, LineageError, ResumeMismatchError, SourceError,
-                DataValidationError, ShardError, MissingTokenError):
+                DataValidationError, ShardError, MissingTokenError, NonFiniteLossError):
         assert issubclass(cls, UserError), cls
     assert issubclass(LineageError, ValueError) and issubclass(LaunchError, RuntimeError)  # callers catching these
 

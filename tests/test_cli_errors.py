@@ -167,6 +167,9 @@ def test_misspelt_flag_suggests_the_right_one(capsys):
     argv = ["--config", str(REPO / "recipes/configs/demo/sft.yaml"), "--learnign_rate", "0.1"]
     assert run_entry_point(sft.main, argv) == 1
     one_error_line(capsys, "--learnign_rate: unknown flag (did you mean --learning_rate?)")
+    assert cli(["data", "prepare", "--config", str(REPO / "recipes/configs/demo/pretrain.yaml"), "--learnign_rate",
+                "0.1"]) == 1
+    one_error_line(capsys, "--learnign_rate: unknown flag (did you mean --learning_rate?)")
     demo = recipe("demo")
     assert run_entry_point(demo.main, ["--overwirte", "true"]) == 1
     one_error_line(capsys, "--overwirte: unknown flag (did you mean --overwrite?)")
@@ -195,10 +198,11 @@ def test_user_error_classes_live_in_one_place():
     from pipeline.data.validation import DataValidationError
     from pipeline.hub.push import MissingTokenError
     from pipeline.stages.common import ConfigError as StageConfigError
+    from pipeline.stages.training import NonFiniteLossError
 
     assert StageConfigError is ConfigError
     for cls in (ConfigError, DataError, LaunchError, LineageError, ResumeMismatchError, SourceError,
-                DataValidationError, ShardError, MissingTokenError):
+                DataValidationError, ShardError, MissingTokenError, NonFiniteLossError):
         assert issubclass(cls, UserError), cls
     assert issubclass(LineageError, ValueError) and issubclass(LaunchError, RuntimeError)  # callers catching these
 

@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 from pipeline.artifacts import MANIFEST_NAME, build_manifest, env_versions, file_sha256, latest_checkpoint
 from pipeline.data.mixing import Mixture, load_mixture
 from pipeline.data.prepare import Prepared, find_prepared, prepare_once
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, UserError
 
 
 @dataclass
@@ -79,8 +79,8 @@ def on_cpu_only(training) -> None:
         training.bf16 = False
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(UserError, RuntimeError):
+    """The loss diverged: the message says how to go on (a lower learning rate, a resume)."""
 
 
 class StopOnNonFiniteLoss(TrainerCallback):

@@ -55,14 +55,19 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def tokenizer_hash(tokenizer) -> str:
-    """sha256 of what decides the token ids: the full backend definition (vocabulary, merges, normalisers) for
-    fast tokenizers, the vocabulary otherwise, plus EOS."""
+def tokenizer_hash(tokenizer, *, legacy: bool = False) -> str:
+    """sha256 of what decides the token ids: the backend definition (vocabulary, merges, normalisers) for fast
+    tokenizers, the vocabulary otherwise, plus EOS. Padding and truncation settings are left out: a batched call
+    can leave them set in the backend, and they never change a token id. `legacy`: the whole backend definition,
+    as manifests written before this rule recorded it."""
     h = hashlib.sha256()
     h.update(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        h.update(backend.to_str().encode("utf-8"))
+        definition = json.loads(backend.to_str())
+        if not legacy:
+            definition.pop("padding", None), definition.pop("truncation", None)
+        h.update((backend.to_str() if legacy else json.dumps(definition, ensure_ascii=False)).encode("utf-8"))
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode("utf-8"))
     h.update(repr(tokenizer.eos_token_id).encode())
@@ -181,7 +186,7 @@ def check_parent(parent_dir: str | os.PathLike, tokenizer=None, *, expect_artifa
     manifest = read_manifest(parent)
     if tokenizer is not None and manifest.get("tokenizer_hash"):
         ours = tokenizer_hash(tokenizer)
-        if ours != manifest["tokenizer_hash"]:
+        if manifest["tokenizer_hash"] not in (ours, tokenizer_hash(tokenizer, legacy=True)):
             raise LineageError(f"tokenizer: differs from the one {parent} ({manifest['stage']}) was trained with "
                                f"(hash {ours[:12]} vs {manifest['tokenizer_hash'][:12]}); token ids would not mean "
                                f"the same thing. Use the parent's tokenizer (omit tokenizer_name_or_path)")

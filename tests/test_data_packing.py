@@ -227,3 +227,17 @@ def test_padding_helpers_pad_on_the_requested_side():
     assert ids.tolist() == [[1, 2], [4, 0]] and labels.tolist() == [[-100, 2], [4, IGNORE_INDEX]]
     with pytest.raises(ValueError, match="side: 'middle'"):
         padded_batch([[1]], 0, side="middle")
+
+
+def test_tokenizer_hash_ignores_padding_left_in_the_backend(tokenizer, tmp_path):
+    """A batched call with padding leaves the setting in the backend (and in a saved tokenizer.json); the ids do not
+    change, so neither does the hash, while manifests with the old whole-backend hash still match."""
+    before, legacy_before = tokenizer_hash(tokenizer), tokenizer_hash(tokenizer, legacy=True)
+    tokenizer.backend_tokenizer.enable_padding(direction="left", pad_id=tokenizer.pad_token_id,
+                                               pad_token=tokenizer.pad_token)
+    try:
+        assert tokenizer_hash(tokenizer) == before
+        assert tokenizer_hash(tokenizer, legacy=True) != legacy_before
+    finally:
+        tokenizer.backend_tokenizer.no_padding()
+    assert tokenizer_hash(tokenizer, legacy=True) == legacy_before

@@ -64,7 +64,7 @@ def reward_function(reward_model, reward_tokenizer, policy_tokenizer, references
             rows = [p + r for p, r in zip(prompts, responses)]
         else:  # another tokenizer: go through text, special tokens included, so the chat structure survives
             texts = [policy_tokenizer.decode(p + r, skip_special_tokens=False) for p, r in zip(prompts, responses)]
-            rows = reward_tokenizer(texts, add_special_tokens=False)["input_ids"]
+            rows = reward_tokenizer(texts, add_special_tokens=False, padding=False)["input_ids"]
         scores = reward_model_weight * score_token_rows(reward_model, rows, reward_tokenizer.pad_token_id,
                                                         batch_size=None)
         if weight and references is not None:

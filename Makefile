@@ -23,8 +23,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) recipes/demo.py --overwrite true $(ARGS)
 
+# Two workers, one test file each at a time (module fixtures stay in one worker): the suite is mostly
+# interpreter start-up and single-threaded Python, so the second core halves its wall time.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/model_speed.py

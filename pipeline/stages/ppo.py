@@ -127,6 +127,14 @@ def load_ptx(args: PPOArguments, config: PPOConfig, tokenizer) -> tuple[list[dic
 
 
 def run_ppo(args: PPOArguments, config: PPOConfig) -> Path:
+    threads = torch.get_num_threads()
+    try:
+        return _train_ppo(args, config)
+    finally:
+        torch.set_num_threads(threads)  # cpu_threads holds for this stage, not for whoever called it
+
+
+def _train_ppo(args: PPOArguments, config: PPOConfig) -> Path:
     check_distributed_setup(None)
     if args.cpu_threads < 0:
         raise ConfigError(f"cpu_threads: must be >= 0 (0 = torch's default), got {args.cpu_threads}")

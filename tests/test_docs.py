@@ -1,9 +1,14 @@
 """Every command in the README runs (with tiny overrides), so the docs cannot drift from the code."""
 
+import contextlib
+import importlib.util
+import io
+import os
 import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,13 +105,41 @@ def run(command: str, tmp_path, cwd=REPO) -> subprocess.CompletedProcess:
     config = next((REPO / a for a in args if a.startswith("recipes/configs/")), None)
     if config and "bf16: true" in config.read_text() and not torch.cuda.is_available():
         args += ["--bf16", "false"]  # GPU configs: transformers refuses bf16 on a CPU-only machine at parse time
-    if args[:2] == ["accelerate", "launch"]:
-        args = [sys.executable, "-m", "accelerate.commands.launch", *args[2:]]
-    elif args[0] == "pipeline":
-        args = [sys.executable, "-m", "pipeline.cli", *args[1:]]
-    elif args[0] == "python":
+    if args[:2] == ["accelerate", "launch"] and args[2].startswith("recipes/"):
+        # One process on CPU: `accelerate launch` adds only its launcher, which tests/test_stages_lm.py runs for every
+        # stage; here the recipe's own main() runs in this interpreter, saving a start-up per command.
+        return in_process(lambda: _recipe_main(cwd / args[2])(args[3:]), cwd)
+    if args[0] == "pipeline":
+        from pipeline.cli import main
+
+        return in_process(lambda: main(args[1:]), cwd)
+    if args[0] == "python":
         args = [sys.executable, *args[1:]]
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def _recipe_main(path: Path):
+    spec = importlib.util.spec_from_file_location(f"recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def in_process(call, cwd: Path) -> subprocess.CompletedProcess:
+    """Run `call()` with `cwd` as the working directory, as a command would: exit status, stdout, stderr."""
+    import torch
+
+    out, err, threads, before = io.StringIO(), io.StringIO(), torch.get_num_threads(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = call() or 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.chdir(before)
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess([], code, out.getvalue(), err.getvalue())
 
 
 def test_readme_starts_with_make_demo_and_make_test():

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from pipeline.artifacts import artifact_kind, write_once
-from pipeline.data.chat_templates import stop_token_ids
+from pipeline.data.chat_templates import generation_eos
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.errors import ConfigError
 
@@ -82,8 +82,7 @@ def load_for_method(path: str, method: MethodArguments, tokenizer=None, model_cl
         model.resize_token_embeddings(len(tokenizer))
     if tokenizer is not None and getattr(model, "generation_config", None) is not None:
         # generation (ours, TRL's GRPO, whoever loads the saved output) stops at the template's end of turn too
-        stops = stop_token_ids(tokenizer)
-        model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
+        model.generation_config.eos_token_id = generation_eos(tokenizer)
     task_type = "SEQ_CLS" if "SequenceClassification" in type(model).__name__ else "CAUSAL_LM"
     if method.method == "full":
         return model

@@ -64,10 +64,12 @@ def tokenizer_hash(tokenizer, *, legacy: bool = False) -> str:
     h.update(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        definition = json.loads(backend.to_str())
+        text = backend.to_str()
         if not legacy:
+            definition = json.loads(text)
             definition.pop("padding", None), definition.pop("truncation", None)
-        h.update((backend.to_str() if legacy else json.dumps(definition, ensure_ascii=False)).encode("utf-8"))
+            text = json.dumps(definition, ensure_ascii=False)
+        h.update(text.encode("utf-8"))
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode("utf-8"))
     h.update(repr(tokenizer.eos_token_id).encode())
@@ -126,6 +128,14 @@ def build_manifest(stage: str, *, artifact: str, config: dict, parent_dir: str |
     })
 
 
+def is_hub_model_id(reference: str | os.PathLike) -> bool:
+    """Whether a model or tokenizer reference that is not a local folder names a Hub repository ("gpt2",
+    "org/name") rather than a missing path ("./x", "/abs/x", "a/b/c")."""
+    text = str(reference)
+    return (not Path(text).exists() and bool(text) and not text.startswith((".", "/", "~")) and "\\" not in text
+            and text.count("/") <= 1 and all(text.split("/")))
+
+
 def outside_parent(path: str | os.PathLike) -> dict:
     """What identifies a parent that is not a stage output: a local folder by the hashes of its config and weight
     files, a Hub id by its revision (the commit of the cached snapshot, when one is cached)."""
@@ -176,7 +186,7 @@ def check_parent(parent_dir: str | os.PathLike, tokenizer=None, *, expect_artifa
     A plain Hugging Face folder (config.json, no manifest) is accepted with a warning: its lineage is unknown.
     """
     parent = Path(parent_dir)
-    if not parent.exists() and not str(parent_dir).startswith((".", "/", "~")) and str(parent_dir).count("/") == 1:
+    if is_hub_model_id(parent_dir):
         return None  # a Hub id: a third-party checkpoint, recorded by id and revision in the manifest
     if not (parent / MANIFEST_NAME).is_file():
         if (parent / "config.json").is_file() or (parent / "tokenizer.json").is_file():

@@ -310,3 +310,10 @@ def test_a_hub_parent_is_recorded_by_id_and_cached_revision(tmp_path, monkeypatc
     parent = build_manifest("sft", artifact="model", config={}, parent_dir="acme/tiny-chat")["parent"]
     assert parent == {"path": "acme/tiny-chat", "stage": None, "manifest_sha256": None, "hub_id": "acme/tiny-chat",
                       "revision": commit}
+
+
+def test_hub_model_ids_are_told_from_missing_paths(tmp_path):
+    from pipeline.artifacts import is_hub_model_id
+
+    assert is_hub_model_id("gpt2") and is_hub_model_id("Qwen/Qwen2.5-0.5B-Instruct")
+    assert not any(is_hub_model_id(p) for p in ("./gpt2", "/abs/model", "outputs/hub/sft/x", "org/", "", str(tmp_path)))

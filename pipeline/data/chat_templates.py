@@ -143,6 +143,12 @@ def stop_token_ids(tokenizer) -> list[int]:
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
+def generation_eos(tokenizer) -> int | list[int]:
+    """`generation_config.eos_token_id` for a model served with this tokenizer: one id, or the list of stop ids."""
+    stops = stop_token_ids(tokenizer)
+    return stops[0] if len(stops) == 1 else stops
+
+
 def has_generation_markers(template: str | None) -> bool:
     return bool(template) and "generation" in template and "endgeneration" in template
 

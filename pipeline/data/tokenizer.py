@@ -29,6 +29,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from pipeline.artifacts import is_hub_model_id
 from pipeline.errors import ConfigError, DataError
 
 PAD_TOKEN = "<|pad|>"
@@ -158,7 +159,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerFast:
             raise FileNotFoundError(f"{local} has no tokenizer.json; save the tokenizer with save_pretrained first")
         return AutoTokenizer.from_pretrained(local)
     text = str(path)
-    if text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:
+    if not is_hub_model_id(text):
         raise FileNotFoundError(f"no saved tokenizer directory at {path}")
     try:
         return AutoTokenizer.from_pretrained(text)

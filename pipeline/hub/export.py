@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline.adapters import merge_lora
 from pipeline.artifacts import StageOutput, build_manifest, chat_template_hash, read_manifest
-from pipeline.data.chat_templates import ChatTemplateError, check_train_serve_parity, stop_token_ids
+from pipeline.data.chat_templates import ChatTemplateError, check_train_serve_parity, generation_eos
 from pipeline.hub.model_card import lineage, model_card
 from pipeline.errors import ConfigError
 
@@ -44,9 +44,8 @@ def export_model(source: str | Path, output_dir: str | Path, *, format: str = "p
     if head == "causal_lm":
         check_chat_template(source, manifest, tokenizer)
         # generation stops at the end of turn (and eos) wherever the model is loaded
-        stops = stop_token_ids(tokenizer)
-        model.generation_config.update(eos_token_id=stops[0] if len(stops) == 1 else stops,
-                                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+        model.generation_config.update(eos_token_id=generation_eos(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                       bos_token_id=tokenizer.bos_token_id)
     with StageOutput(output_dir, overwrite=overwrite) as out:
         model.save_pretrained(out.work)  # safetensors; PipelineGPT adds auto_map and its two modeling files
         tokenizer.save_pretrained(out.work)

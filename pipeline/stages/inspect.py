@@ -49,6 +49,7 @@ def stage_of(config: str | Path, stage: str | None = None) -> str:
 
 def inspect_stage_config(config: str | Path, *, samples: int = 3, overrides: list[str] | None = None,
                          stage: str | None = None) -> str:
+    from pipeline.data.chat_templates import load_chat_tokenizer
     from pipeline.data.tokenizer import load_tokenizer
     from pipeline.stages.common import parse_stage_args
     from pipeline.stages.training import resolve_mixture
@@ -57,16 +58,12 @@ def inspect_stage_config(config: str | Path, *, samples: int = 3, overrides: lis
     args, training = parse_stage_args(_stage_types(stage), ["--config", str(config), *(overrides or [])])
     key = "tokenizer_name_or_path" if getattr(args, "tokenizer_name_or_path", None) else "model_name_or_path"
     source = getattr(args, key)
-    try:
-        tokenizer = load_tokenizer(source)  # a folder or a Hub id
+    try:  # a folder or a Hub id; chat stages with their chat_template choice, as the stage loads it
+        tokenizer = (load_tokenizer(source) if stage in ("pretrain", "tokenizer", "classify")
+                     else load_chat_tokenizer(source, getattr(args, "chat_template", None)))
     except FileNotFoundError:
         raise FileNotFoundError(f"{config}: {key}: {source} does not exist; inspect uses the tokenizer the stage "
                                 f"would load: run the earlier stage first or pass --{key} DIR") from None
-    if stage not in ("pretrain", "tokenizer", "classify"):  # the stage's chat template choice, as the stage applies it
-        from pipeline.data.chat_templates import ensure_pad_token, use_chat_template
-
-        use_chat_template(tokenizer, getattr(args, "chat_template", None))
-        ensure_pad_token(tokenizer)
     if stage == "pretrain":  # shards already prepared for this config: show them, without reading the corpus
         from pipeline.data.prepare import describe
         from pipeline.stages.training import prepared_data

@@ -61,12 +61,13 @@ def run_sft(args: SFTArguments, training: SFTConfig) -> Path:
             dropped += dropped_eval
             print(f"assistant-only loss: reply tokens located through the chat template; {dropped} rows with no "
                   f"reply token within max_length={training.max_length} dropped")
-            training.assistant_only_loss = False  # TRL builds labels from our assistant_masks column instead
+            training.assistant_only_loss = False  # TRL would re-mask from markers; it builds labels from our column
         trainer = SFTTrainer(model=model, args=training, processing_class=tokenizer,
                              train_dataset=Dataset.from_list(train_rows),
                              eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
                              callbacks=callbacks)
-        training.assistant_only_loss = training.assistant_only_loss or own_masks  # the setting the run used
+        if own_masks:
+            training.assistant_only_loss = True  # back to the setting the run used (fingerprint, manifest)
         dropped_rows = rows_dropped_by_trainer(trainer, train_rows, eval_rows, training.max_length)
         result = train_resuming(trainer, out, training, args=args, mixture=mixture,
                                 parents=[args.model_name_or_path, args.tokenizer_name_or_path])

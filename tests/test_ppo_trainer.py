@@ -4,6 +4,7 @@ PPO-ptx language-model loss."""
 
 import copy
 import json
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -23,11 +24,11 @@ def tokenizer():
     return train_tokenizer(texts, vocab_size=300, show_progress=False)
 
 
-def tiny_models(seed: int = 0):
+def tiny_models(seed: int = 0, **architecture):
     torch.manual_seed(seed)
     config = PipelineGPTConfig.preset("llama", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                                       num_attention_heads=2, intermediate_size=64, pad_token_id=0, bos_token_id=1,
-                                      eos_token_id=2)
+                                      eos_token_id=2, **architecture)
     policy = PipelineGPTForCausalLM(copy.deepcopy(config))
     ref = PipelineGPTForCausalLM(copy.deepcopy(config))
     ref.load_state_dict(policy.state_dict())
@@ -67,8 +68,8 @@ def ptx_nll(model, rows) -> float:
 
 
 def make_trainer(tokenizer, tmp_path, *, reward_fn=contains_target, lora=False, scramble=False, ptx=None,
-                 **overrides):
-    policy, ref, value = tiny_models()
+                 architecture=None, accelerator=None, **overrides):
+    policy, ref, value = tiny_models(**(architecture or {}))
     if scramble:  # trainable weights unlike the run being resumed; the reference stays the caller's
         with torch.no_grad():
             for p in [*policy.parameters(), *value.parameters()]:
@@ -81,7 +82,7 @@ def make_trainer(tokenizer, tmp_path, *, reward_fn=contains_target, lora=False, 
                     response_length=6, temperature=1.0, learning_rate=1e-3, value_learning_rate=1e-3, seed=7)
     settings.update(overrides)
     return PPOTrainer(PPOConfig(**settings), policy=policy, tokenizer=tokenizer, value_model=value,
-                      reward_fn=reward_fn, prompts=prompts(), ref_model=ref, ptx_data=ptx)
+                      reward_fn=reward_fn, prompts=prompts(), ref_model=ref, ptx_data=ptx, accelerator=accelerator)
 
 
 def parameters(trainer) -> dict[str, torch.Tensor]:
@@ -108,10 +109,10 @@ def test_gradient_accumulation_equals_one_big_mini_batch(tokenizer, tmp_path, pt
     after_accumulated, after_single = parameters(accumulated), parameters(single)
     assert_same_parameters(after_accumulated, after_single)
     # Adam hides a uniformly scaled gradient in its first step; its first moment (0.1 * grad) does not.
-    for a, b in ((accumulated.policy_optimizer, single.policy_optimizer),
-                 (accumulated.value_optimizer, single.value_optimizer)):
-        for state_a, state_b in zip(a.state_dict()["state"].values(), b.state_dict()["state"].values()):
-            torch.testing.assert_close(state_a["exp_avg"], state_b["exp_avg"], atol=1e-7, rtol=1e-4)
+    states_a, states_b = accumulated.optimizer.state_dict()["state"], single.optimizer.state_dict()["state"]
+    assert len(states_a) == len(before)  # one optimiser over policy and value parameters
+    for state_a, state_b in zip(states_a.values(), states_b.values()):
+        torch.testing.assert_close(state_a["exp_avg"], state_b["exp_avg"], atol=1e-7, rtol=1e-4)
     moved = max((after_single[k] - before[k]).abs().max().item() for k in before)
     assert moved > 1e-4  # the step really changed the weights
     if ptx_coef:
@@ -124,9 +125,11 @@ def test_same_seed_same_history_and_step_log(tokenizer, tmp_path):
     assert first == second
     assert [h["step"] for h in first] == [1, 2]
     expected = {"mean_score", "kl", "entropy", "policy_clipfrac", "value_clipfrac", "approx_kl", "policy_loss",
-                "value_loss", "response_length", "kl_coef", "step"}
+                "value_loss", "response_length", "kl_coef", "learning_rate", "step"}
     assert set(first[0]) == expected
-    assert 1 <= first[0]["response_length"] <= 6 and first[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # policy = ref
+    # Step 1: policy = reference, and the rollout's log-probs (taken from generation) match the reference's forward
+    # pass, so the KL is zero up to float32 rounding.
+    assert 1 <= first[0]["response_length"] <= 6 and abs(first[0]["kl"]) <= 1e-6
 
 
 def test_resumed_run_equals_uninterrupted_run(tokenizer, tmp_path):
@@ -367,3 +370,77 @@ def test_k3_kl_is_the_non_negative_estimator_of_the_sampled_log_ratio(tokenizer,
     assert k1["stats"]["kl"].item() == pytest.approx(log_ratio.sum(1).mean().item(), rel=1e-5)
     torch.testing.assert_close(k1["batch"]["logprobs"], batch["logprobs"])  # same rollout, only the estimator differs
     assert k3["stats"]["kl"].item() > 0
+
+
+@pytest.mark.parametrize("architecture", [{}, {"key_smear": 2}], ids=["llama", "key_smear"])
+def test_log_probs_from_generation_equal_a_forward_pass(tokenizer, tmp_path, architecture):
+    """The rollout takes the policy's log-probs from the logits `generate` computed; they match a separate forward
+    pass over the finished rows (the other setting) within 1e-5 in float32, prompts of unequal length included."""
+    rollouts = {}
+    for source in ("generation", "forward"):
+        trainer = make_trainer(tokenizer, tmp_path / source, rollout_logprobs=source, architecture=architecture,
+                               batch_size=8, mini_batch_size=4, response_length=8)
+        assert trainer._logprobs_from_generation == (source == "generation")
+        torch.manual_seed(3)
+        rollouts[source] = trainer._rollout(0)["batch"]
+    generated, forward = rollouts["generation"], rollouts["forward"]
+    assert torch.equal(generated["response"], forward["response"])  # the same samples
+    assert generated["response_mask"].sum() > 8 and len(set(map(len, prompts()))) > 1
+    torch.testing.assert_close(generated["logprobs"], forward["logprobs"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(generated["values"], forward["values"], atol=1e-5, rtol=0)
+    assert torch.equal(generated["logprobs"] == 0, forward["logprobs"] == 0)  # padding after EOS stays 0
+
+
+def test_policy_and_reference_log_probs_share_the_autocast_context(tokenizer, tmp_path):
+    """Under bf16 mixed precision the policy (inside the prepared module) and the reference both run under the
+    accelerator's autocast, so the step-1 KL of policy == reference is zero, not bf16 rounding noise. `auto` takes
+    the rollout log-probs from a forward pass here: cached low-precision generation logits differ from it."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # the process-wide state is fp32 elsewhere
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    try:
+        recorded_rollouts(make_trainer(tokenizer, tmp_path, accelerator=accelerator, max_steps=1), accelerator)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def recorded_rollouts(trainer, accelerator):
+    assert not trainer._logprobs_from_generation
+    entered = []
+    autocast = accelerator.autocast
+
+    def recording_autocast(*args, **kwargs):
+        entered.append(torch.is_autocast_enabled("cpu"))
+        return autocast(*args, **kwargs)
+
+    accelerator.autocast = recording_autocast
+    batch = trainer._rollout(0)["batch"]
+    assert entered, "the reference log-probs were computed outside accelerator.autocast()"
+    kl = (batch["logprobs"] - batch["ref_logprobs"]) * batch["response_mask"]
+    assert kl.abs().max().item() <= 1e-6
+    # Control: the reference outside autocast (float32) differs from the bf16 policy by far more than that.
+    accelerator.autocast = lambda *a, **k: nullcontext()
+    torch.manual_seed(0)
+    batch = trainer._rollout(0)["batch"]
+    assert ((batch["logprobs"] - batch["ref_logprobs"]) * batch["response_mask"]).abs().max().item() > 1e-4
+
+
+def test_learning_rate_schedules_and_value_warmup(tokenizer, tmp_path):
+    """`lr_scheduler_type` scales both groups once per PPO step; `value_warmup_steps` keeps the policy still (its
+    learning rate 0) while the value model trains."""
+    trainer = make_trainer(tokenizer, tmp_path, max_steps=4, lr_scheduler_type="linear", value_warmup_steps=1,
+                           learning_rate=1e-3, value_learning_rate=2e-3, save_steps=1)
+    before = parameters(trainer)
+    history = trainer.train()
+    trainer.load_checkpoint(tmp_path / "checkpoint-1")
+    after = parameters(trainer)
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("policy."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("value."))
+    # linear: 1 - step / max_steps for the value group; the policy's history shows its own (0 during warmup)
+    assert [h["learning_rate"] for h in history] == pytest.approx([0.0, 1e-3 * 3 / 4, 1e-3 * 2 / 4, 1e-3 * 1 / 4])
+    # the checkpoint of step 1 restored the schedule too: the value group's rate for step 2
+    assert trainer.optimizer.param_groups[1]["lr"] == pytest.approx(2e-3 * 3 / 4)
+    with pytest.raises(ValueError, match="lr_scheduler_type must be one of"):
+        PPOConfig(lr_scheduler_type="exponential")

@@ -7,7 +7,7 @@ row is its EOS (or the last generated token when the row hit the length limit).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -36,12 +36,22 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return var
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Scale to unit variance over the real tokens; also centre to zero mean when `shift_mean` (advantages).
 
-    Padding positions come back as 0 so they cannot leak into later sums.
+    `reduce_sum` (a sum over processes) takes the mean and variance over the tokens of every process, so N
+    processes whiten exactly as one process holding all their rows would. Padding positions come back as 0 so
+    they cannot leak into later sums.
     """
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    if reduce_sum is None:
+        mean, var = masked_mean(values, mask), masked_var(values, mask)
+    else:
+        count = reduce_sum(mask.sum().to(values.dtype))
+        if count < 2:
+            raise ValueError("masked_whiten: unbiased variance needs at least two real tokens over all processes")
+        mean = reduce_sum(masked_sum(values, mask)) / count
+        var = reduce_sum(masked_sum((values - mean) ** 2, mask)) / count * count / (count - 1)
     whitened = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

@@ -46,16 +46,18 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import shutil
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -85,7 +87,12 @@ logger = logging.getLogger(__name__)
 
 RewardFn = Callable[[list[list[int]], list[list[int]]], torch.Tensor]
 STAT_KEYS = ("mean_score", "kl", "entropy", "policy_clipfrac", "value_clipfrac", "approx_kl", "policy_loss",
-             "value_loss", "response_length", "kl_coef")
+             "value_loss", "response_length", "kl_coef", "learning_rate")
+SCHEDULES = {  # learning-rate multiplier at progress 0..1 through max_steps, after warmup
+    "constant": lambda progress: 1.0,
+    "linear": lambda progress: max(0.0, 1.0 - progress),
+    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))),
+}
 
 
 @dataclass
@@ -95,7 +102,10 @@ class PPOConfig:
     output_dir: str = "outputs/ppo"  # checkpoints go to output_dir/checkpoint-<step>/
     learning_rate: float = 1e-5  # policy AdamW learning rate
     value_learning_rate: float | None = None  # value-model AdamW learning rate; None = learning_rate
-    weight_decay: float = 0.0  # AdamW weight decay for both optimisers
+    weight_decay: float = 0.0  # AdamW weight decay for both parameter groups
+    lr_scheduler_type: str = "constant"  # "constant", "linear" (to 0 at max_steps, as TRL's PPOTrainer) or "cosine"
+    warmup_steps: int = 0  # PPO steps of linear learning-rate warmup (both models)
+    value_warmup_steps: int = 0  # the first PPO steps train the value model only (the policy waits for a critic)
     batch_size: int = 8  # prompts per rollout (per process)
     mini_batch_size: int = 2  # rows per forward/backward pass
     gradient_accumulation_steps: int = 1  # micro-batches per optimiser step
@@ -105,6 +115,8 @@ class PPOConfig:
     temperature: float = 0.7  # sampling temperature; log-probs use the same scaling
     top_k: int = 0  # 0 = sample from the whole vocabulary
     rollout_batch_size: int | None = None  # rows per generate/forward call in the rollout; None = batch_size
+    rollout_logprobs: str = "auto"  # "generation" (from generate's logits, one policy forward fewer), "forward",
+    # or "auto": generation in float32, a forward pass under mixed precision (cached low-precision logits differ)
     kl_estimator: str = "k1"  # per-token KL in the reward: "k1" (log ratio) or "k3" (non-negative)
     init_kl_coef: float = 0.05  # KL penalty coefficient (initial value when adaptive)
     adaptive_kl: bool = False  # adapt the coefficient towards kl_target (Ziegler et al. 2019)
@@ -146,6 +158,15 @@ class PPOConfig:
                              "pass a positive number or None")
         if self.ptx_coef < 0:
             raise ValueError(f"PPOConfig.ptx_coef must be >= 0 (0 = no ptx loss), got {self.ptx_coef}")
+        if self.lr_scheduler_type not in SCHEDULES:
+            raise ValueError(f"PPOConfig.lr_scheduler_type must be one of {sorted(SCHEDULES)}, got "
+                             f"{self.lr_scheduler_type!r}")
+        if self.warmup_steps < 0 or self.value_warmup_steps < 0:
+            raise ValueError(f"PPOConfig.warmup_steps ({self.warmup_steps}) and value_warmup_steps "
+                             f"({self.value_warmup_steps}) must be >= 0")
+        if self.rollout_logprobs not in ("auto", "generation", "forward"):
+            raise ValueError(f"PPOConfig.rollout_logprobs must be 'auto', 'generation' or 'forward', got "
+                             f"{self.rollout_logprobs!r}")
         if self.rollout_batch_size is not None and self.rollout_batch_size < 1:
             raise ValueError(f"PPOConfig.rollout_batch_size must be >= 1 or None, got {self.rollout_batch_size}")
 
@@ -244,21 +265,39 @@ class PPOTrainer:
             distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
             accelerator = Accelerator(cpu=distributed_cpu)
         self.accelerator = accelerator
+        self.engine = accelerator.distributed_type
         device = self.accelerator.device
         self.policy, self.value_model = policy.to(device), value_model.to(device)
         self.ref_model = ref_model
         if ref_model is not None:
             ref_model.to(device).eval().requires_grad_(False)
-        self.actor_critic = self.accelerator.prepare(PolicyAndValue(self.policy, self.value_model))
+            if self.engine == DistributedType.DEEPSPEED and accelerator.mixed_precision in ("bf16", "fp16"):
+                # DeepSpeed casts the policy's weights instead of autocasting: the reference runs in that dtype too
+                ref_model.to(torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16)
 
         policy_params = [p for p in self.policy.parameters() if p.requires_grad]
         value_params = [p for p in self.value_model.parameters() if p.requires_grad]
         if not policy_params or not value_params:
             raise ValueError("PPOTrainer: the policy and the value model each need trainable parameters")
-        self.policy_optimizer = torch.optim.AdamW(policy_params, lr=config.learning_rate,
-                                                  weight_decay=config.weight_decay)
         value_lr = config.learning_rate if config.value_learning_rate is None else config.value_learning_rate
-        self.value_optimizer = torch.optim.AdamW(value_params, lr=value_lr, weight_decay=config.weight_decay)
+        # One optimiser, two parameter groups: FSDP and DeepSpeed prepare a model together with its optimiser.
+        self.optimizer = torch.optim.AdamW([{"params": policy_params, "lr": config.learning_rate},
+                                            {"params": value_params, "lr": value_lr}],
+                                           weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, [
+            lambda step: self._lr_factor(step, policy=True), lambda step: self._lr_factor(step, policy=False)])
+        if self.engine == DistributedType.DEEPSPEED:  # no dataloader is prepared, so DeepSpeed cannot infer it
+            plugin = accelerator.state.deepspeed_plugin
+            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.mini_batch_size
+            plugin.deepspeed_config["gradient_accumulation_steps"] = config.gradient_accumulation_steps
+        self.actor_critic, self.optimizer = self.accelerator.prepare(PolicyAndValue(self.policy, self.value_model),
+                                                                     self.optimizer)
+        self._policy_params, self._value_params = policy_params, value_params
+        # Every process must take part in each generation step when weights are sharded.
+        self._synced_gpus = accelerator.num_processes > 1 and self.engine in (DistributedType.FSDP,
+                                                                              DistributedType.DEEPSPEED)
+        self._logprobs_from_generation = config.rollout_logprobs == "generation" or (
+            config.rollout_logprobs == "auto" and accelerator.mixed_precision == "no")
 
         if config.adaptive_kl:
             self.kl_controller = AdaptiveKLController(config.init_kl_coef, config.kl_target, config.kl_horizon)
@@ -267,6 +306,7 @@ class PPOTrainer:
         self.generation_config = GenerationConfig(
             do_sample=True, temperature=config.temperature, top_k=config.top_k, top_p=1.0, repetition_penalty=1.0,
             max_new_tokens=config.response_length, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+            return_dict_in_generate=True, output_logits=self._logprobs_from_generation,
         )
         self.step = 0
         self.history: list[dict] = []
@@ -324,11 +364,12 @@ class PPOTrainer:
         length = response_ids.shape[1]
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=length + 1,
                       position_ids=positions_from_mask(attention_mask))
-        if self.ref_model is not None:
-            logits = self.ref_model(**kwargs).logits
-        else:
-            with self.policy.disable_adapter():
-                logits = self.policy(**kwargs).logits
+        with self.accelerator.autocast():  # the precision the policy's log-probs were computed in
+            if self.ref_model is not None:
+                logits = self.ref_model(**kwargs).logits
+            else:
+                with self._full_weights(), self.policy.disable_adapter():
+                    logits = self.policy(**kwargs).logits
         return logprobs_of(logits[:, :-1].float() / self.config.temperature, response_ids)
 
     @torch.no_grad()
@@ -359,8 +400,10 @@ class PPOTrainer:
         kl_coef = self.kl_controller.value
         rewards = token_level_rewards(penalised, kl, mask, kl_coef)
         advantages, returns = compute_gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+        if cfg.whiten_advantages:  # over the rollout of every process, as one process would
+            reduce_sum = (lambda t: self.accelerator.reduce(t, reduction="sum")) if (
+                self.accelerator.num_processes > 1) else None
+            advantages = masked_whiten(advantages, mask, reduce_sum=reduce_sum)
         batch.update(advantages=advantages, returns=returns)
 
         self.samples = [
@@ -378,17 +421,29 @@ class PPOTrainer:
         return {"batch": batch, "stats": stats}
 
     def _rollout_chunk(self, prompts: list[list[int]]) -> dict:
-        device, length = self.accelerator.device, self.config.response_length
+        cfg, device, length = self.config, self.accelerator.device, self.config.response_length
         query, query_mask = (t.to(device) for t in padded_batch(prompts, self.pad_id, side="left"))
-        generated = self.policy.generate(input_ids=query, attention_mask=query_mask,
-                                         generation_config=self.generation_config)
-        response = generated[:, query.shape[1]:]
-        if response.shape[1] < length:  # every row stopped early
-            response = nn.functional.pad(response, (0, length - response.shape[1]), value=self.pad_id)
+        with self._full_weights(), self.accelerator.autocast():  # sample from the policy the update computes
+            generated = self.policy.generate(input_ids=query, attention_mask=query_mask,
+                                             generation_config=self.generation_config,
+                                             synced_gpus=self._synced_gpus)
+        response = generated.sequences[:, query.shape[1]:]
+        steps = response.shape[1]
+        if steps < length:  # every row stopped early
+            response = nn.functional.pad(response, (0, length - steps), value=self.pad_id)
         response, response_mask, has_eos = truncate_after_eos(response, self.stop_ids, self.pad_id)
         input_ids = torch.cat([query, response], dim=1)
         attention_mask = torch.cat([query_mask, response_mask], dim=1)
-        logits, values, _ = self.actor_critic(input_ids, attention_mask, length, self.config.temperature)
+        if self._logprobs_from_generation:
+            # The logits `generate` computed before sampling each token: the same numbers a forward pass over the
+            # finished rows gives (float32, within rounding), without that forward.
+            logits = torch.stack(generated.logits, dim=1).float() / cfg.temperature
+            logits = nn.functional.pad(logits, (0, 0, 0, length - steps))
+            with self._full_weights():
+                values = token_values(self.value_model, input_ids, attention_mask,
+                                      positions_from_mask(attention_mask))[:, -length - 1:-1]
+        else:
+            logits, values, _ = self.actor_critic(input_ids, attention_mask, length, cfg.temperature)
         padding = response_mask == 0
         return {
             "query": query, "query_mask": query_mask, "response": response, "response_mask": response_mask,
@@ -398,6 +453,20 @@ class PPOTrainer:
             "values": values.masked_fill(padding, 0.0),
             "entropy": entropy_from_logits(logits),
         }
+
+    @contextmanager
+    def _full_weights(self):
+        """Calls on the policy or value model outside the prepared module's forward: under FSDP2 the weights that
+        belong to the root (embeddings, head, final norm) are gathered first; inner layers gather themselves."""
+        unshard = getattr(self.actor_critic, "unshard", None) if self.engine == DistributedType.FSDP else None
+        if unshard is None:
+            yield
+            return
+        unshard()
+        try:
+            yield
+        finally:
+            self.actor_critic.reshard()
 
     # ---------------------------------------------------------------- optimisation
 
@@ -413,13 +482,13 @@ class PPOTrainer:
             order = torch.randperm(cfg.batch_size, generator=generator).to(self.accelerator.device)
             for start in range(0, cfg.batch_size, group):
                 rows = order[start:start + group]
-                num_tokens = batch["response_mask"][rows].sum().clamp(min=1)
+                num_tokens = self._global_token_count(batch["response_mask"][rows].sum())
                 ptx = self._ptx_batch(step, n_groups, group) if self.ptx_data else None
+                ptx_tokens = None if ptx is None else self._global_token_count((ptx[2][:, 1:] != -100).sum())
                 for k in range(accumulation):
                     sync = k == accumulation - 1
                     part = slice(k * micro, (k + 1) * micro)
-                    ptx_part = None if ptx is None else (
-                        ptx[0][part], ptx[1][part], ptx[2][part], (ptx[2][:, 1:] != -100).sum().clamp(min=1))
+                    ptx_part = None if ptx is None else (ptx[0][part], ptx[1][part], ptx[2][part], ptx_tokens)
                     with nullcontext() if sync else self.accelerator.no_sync(self.actor_critic):
                         stats = self._micro_step(batch, rows[part], num_tokens, step, ptx_part)
                     for key in ("policy_loss", "value_loss", "ptx_loss"):
@@ -427,12 +496,9 @@ class PPOTrainer:
                     for key in ("policy_clipfrac", "value_clipfrac", "approx_kl"):
                         totals[key] += stats[key] / accumulation
                     n_micro += 1
-                if cfg.max_grad_norm:
-                    for optimizer in (self.policy_optimizer, self.value_optimizer):
-                        params = [p for g in optimizer.param_groups for p in g["params"]]
-                        self.accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                self.policy_optimizer.step(), self.value_optimizer.step()
-                self.policy_optimizer.zero_grad(set_to_none=True), self.value_optimizer.zero_grad(set_to_none=True)
+                self._clip_gradients()
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
                 n_groups += 1
         # Losses were summed as shares of their group's mean; the rest as per-group means.
         stats = {key: value / n_groups for key, value in totals.items()}
@@ -440,23 +506,55 @@ class PPOTrainer:
             stats.pop("ptx_loss")
         return stats
 
+    def _global_token_count(self, local: torch.Tensor) -> torch.Tensor:
+        """The denominator of a token mean over the rows of every process. DDP averages gradients over N processes,
+        so each divides its token sum by (all tokens / N): the result is the one-process mean over all rows."""
+        local = local.float()
+        if self.accelerator.num_processes > 1:
+            local = self.accelerator.reduce(local, reduction="sum") / self.accelerator.num_processes
+        return local.clamp(min=1)
+
+    def _clip_gradients(self) -> None:
+        """Clip policy and value gradients to `max_grad_norm` each (DeepSpeed clips in its engine, from its config)."""
+        if not self.config.max_grad_norm or self.engine == DistributedType.DEEPSPEED:
+            return
+        self.accelerator.unscale_gradients()  # fp16: clip the true gradients (a no-op otherwise)
+        for params in (self._policy_params, self._value_params):
+            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+
+    def _lr_factor(self, step: int, policy: bool) -> float:
+        """Learning-rate multiplier of PPO step `step` (0-based) for the policy or the value group."""
+        cfg = self.config
+        if policy and step < cfg.value_warmup_steps:
+            return 0.0
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return SCHEDULES[cfg.lr_scheduler_type](progress)
+
     def _micro_step(self, batch: dict, rows: torch.Tensor, num_tokens: torch.Tensor, step: int,
                     ptx: tuple | None = None) -> dict:
         """Forward and backward of one micro-batch. Its losses are its share of the group's token mean, so
         accumulated micro-batches give the gradient of one large batch. `ptx`: (ids, mask, labels, group tokens)."""
         cfg = self.config
-        query, response, mask = batch["query"][rows], batch["response"][rows], batch["response_mask"][rows]
+        query_mask, mask = batch["query_mask"][rows], batch["response_mask"][rows]
+        # The least padding: drop the prompt columns no row of this micro-batch uses and the response columns after
+        # its longest response (masked positions add nothing to the losses, so the result is the same).
+        first, width = int(query_mask.any(0).long().argmax()), int(mask.sum(1).max())
+        query, query_mask = batch["query"][rows, first:], query_mask[:, first:]
+        response, mask = batch["response"][rows, :width], mask[:, :width]
         input_ids = torch.cat([query, response], dim=1)
-        attention_mask = torch.cat([batch["query_mask"][rows], mask], dim=1)
-        logits, values, ptx_sum = self.actor_critic(input_ids, attention_mask, cfg.response_length, cfg.temperature,
+        attention_mask = torch.cat([query_mask, mask], dim=1)
+        logits, values, ptx_sum = self.actor_critic(input_ids, attention_mask, width, cfg.temperature,
                                                     None if ptx is None else ptx[:3])
         padding = mask == 0
         new_logprobs = logprobs_of(logits, response).masked_fill(padding, 0.0)
         values = values.masked_fill(padding, 0.0)
+        old = {key: batch[key][rows, :width] for key in ("logprobs", "advantages", "values", "returns")}
         policy_loss, policy_clipfrac, approx_kl = clipped_policy_loss(
-            new_logprobs, batch["logprobs"][rows], batch["advantages"][rows], mask, cfg.cliprange, num_tokens)
+            new_logprobs, old["logprobs"], old["advantages"], mask, cfg.cliprange, num_tokens)
         value_loss, value_clipfrac = clipped_value_loss(
-            values, batch["values"][rows], batch["returns"][rows], mask, cfg.cliprange_value, num_tokens)
+            values, old["values"], old["returns"], mask, cfg.cliprange_value, num_tokens)
         ptx_loss = torch.zeros((), device=policy_loss.device) if ptx_sum is None else ptx_sum / ptx[3]
         if not (torch.isfinite(policy_loss) and torch.isfinite(value_loss) and torch.isfinite(ptx_loss)):
             raise RuntimeError(
@@ -489,9 +587,10 @@ class PPOTrainer:
             rollout = self._rollout(self.step)
             train_stats = self._optimize(rollout["batch"], self.step)
             stats = {key: float(value) for key, value in rollout["stats"].items()}
-            stats.update(train_stats)
+            stats.update(train_stats, learning_rate=self.optimizer.param_groups[0]["lr"])
             stats = self._reduce(stats)
             self.kl_controller.update(stats["kl"], cfg.batch_size * self.accelerator.num_processes)
+            self.scheduler.step()
             self.step += 1
             self.history.append({**stats, "step": self.step})
             progress.update(1)
@@ -513,18 +612,33 @@ class PPOTrainer:
 
     # ---------------------------------------------------------------- saving
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the engine holds the weights and optimiser state in shards (FSDP, DeepSpeed)."""
+        return self.engine in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
     def save_model(self, output_dir: str | Path) -> Path:
-        """Save the policy as it is (a PEFT policy saves its adapter) and the tokenizer."""
+        """Save the policy as it is (a PEFT policy saves its adapter) and the tokenizer; sharded weights are
+        gathered into one full copy first."""
         output_dir = Path(output_dir)
         self.accelerator.wait_for_everyone()
+        state = None
+        if self.sharded:  # a collective: every process takes part
+            prefix = "policy."
+            full = self.accelerator.get_state_dict(self.actor_critic)
+            state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
         if self.accelerator.is_main_process:
-            self.policy.save_pretrained(output_dir)
+            if state is None:
+                self.policy.save_pretrained(output_dir)
+            else:
+                self.policy.save_pretrained(output_dir, state_dict=state)
             self.tokenizer.save_pretrained(output_dir)
         self.accelerator.wait_for_everyone()
         return output_dir
 
     def save_checkpoint(self) -> Path:
-        """Write `output_dir/checkpoint-<step>/` through a temporary folder renamed at the end."""
+        """Write `output_dir/checkpoint-<step>/` through a temporary folder renamed at the end. Under FSDP and
+        DeepSpeed the weights and optimiser go through Accelerate's `save_state` (every process writes its shards)."""
         root = Path(self.config.output_dir)
         final, temporary = root / f"checkpoint-{self.step}", root / f".checkpoint-{self.step}.tmp"
         main = self.accelerator.is_main_process
@@ -532,14 +646,17 @@ class PPOTrainer:
             shutil.rmtree(temporary, ignore_errors=True)
             temporary.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
-        if main:
+        if self.sharded:
+            self.accelerator.save_state(str(temporary / "engine_state"))
+        elif main:
             self.policy.save_pretrained(temporary / "policy")
-            self.tokenizer.save_pretrained(temporary / "policy")
             self.value_model.save_pretrained(temporary / "value_model")
-            torch.save({"policy": self.policy_optimizer.state_dict(), "value": self.value_optimizer.state_dict()},
-                       temporary / "optimizer.pt")
+            torch.save({"optimizer": self.optimizer.state_dict()}, temporary / "optimizer.pt")
+        if main:
+            self.tokenizer.save_pretrained(temporary / "policy")
             state = {"step": self.step, "kl_controller": self.kl_controller.state_dict(), "history": self.history,
-                     "samples": self.samples, "config": asdict(self.config)}
+                     "samples": self.samples, "scheduler": self.scheduler.state_dict(),
+                     "config": asdict(self.config)}
             (temporary / "trainer_state.json").write_text(json.dumps(state, indent=2))
         rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -566,14 +683,20 @@ class PPOTrainer:
         if not (path / "trainer_state.json").is_file():
             raise FileNotFoundError(f"{path} is not a PPO checkpoint (no trainer_state.json); expected "
                                     f"{self.config.output_dir}/checkpoint-<step>")
-        load_weights(self.policy, path / "policy")
-        load_weights(self.value_model, path / "value_model")
-        optimizers = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        self.policy_optimizer.load_state_dict(optimizers["policy"])
-        self.value_optimizer.load_state_dict(optimizers["value"])
+        if self.sharded:
+            self.accelerator.load_state(str(path / "engine_state"))
+        else:
+            load_weights(self.policy, path / "policy")
+            load_weights(self.value_model, path / "value_model")
+            optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+            if "optimizer" not in optimizer:
+                raise ValueError(f"{path / 'optimizer.pt'} holds two optimisers (a checkpoint of an earlier version "
+                                 "with separate policy and value optimisers); restart the run without resuming")
+            self.optimizer.load_state_dict(optimizer["optimizer"])
         state = json.loads((path / "trainer_state.json").read_text())
         self.step, self.history, self.samples = state["step"], state["history"], state.get("samples", [])
         self.kl_controller.load_state_dict(state["kl_controller"])
+        self.scheduler.load_state_dict(state["scheduler"])
         rng_file = path / f"rng_state_{self.accelerator.process_index}.pth"
         if not rng_file.is_file():
             raise FileNotFoundError(f"{rng_file} is missing: resume with as many processes as the run that saved "

@@ -171,6 +171,10 @@ def _train_ppo(args: PPOArguments, config: PPOConfig) -> Path:
                              reward_fn=reward_function(reward_model, reward_tokenizer, tokenizer, references,
                                                        args.verifier_weight, args.reward_model_weight),
                              prompts=prompts, ref_model=ref_model, ptx_data=ptx)
+        reward_model.to(trainer.accelerator.device)  # scored where the rollouts are
+        if trainer.sharded and args.is_adapter:
+            raise ConfigError("method: a LoRA policy under FSDP or DeepSpeed is not supported by the PPO stage yet; "
+                              "use method: full there, or DDP (recipes/accelerate/ddp.yaml) with LoRA")
         out.guard_resume(run_fingerprint({"stage": asdict(args), "ppo": asdict(config)},
                                          [args.model_name_or_path, args.reward_model_path, args.value_model_path],
                                          mixture))
@@ -178,9 +182,13 @@ def _train_ppo(args: PPOArguments, config: PPOConfig) -> Path:
         scores = [h["mean_score"] for h in history]
         metrics = {**reward_trend(scores), "final_kl": history[-1]["kl"] if history else None,
                    "reward_history": scores, "samples": trainer.samples}
-        final = merged_for_saving(trainer.policy)
+        if trainer.sharded:  # the engine holds shards: gather one full copy into the output (every process)
+            trainer.save_model(out.work)
+            final = None
+        else:
+            final = merged_for_saving(trainer.policy)
         if args.eval_demo_tasks:
-            metrics.update(held_out_demo_metrics(final, tokenizer, args.eval_demo_tasks))
+            metrics.update(held_out_demo_metrics(final or trainer.policy, tokenizer, args.eval_demo_tasks))
         metrics["wall_seconds"] = round(time.monotonic() - started, 1)
         if trainer.accelerator.is_main_process:
             write_stage_output(out, "ppo", model=final, tokenizer=tokenizer, artifact="model",

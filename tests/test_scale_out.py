@@ -104,3 +104,50 @@ def test_write_once_in_one_process_writes_only_when_not_done():
     write_once(lambda: calls.append(1), done=lambda: False)
     write_once(lambda: calls.append(2), done=lambda: True)
     assert calls == [1]
+
+
+def launch_ppo(out, *flags, processes=2, check=True):
+    command = [*LAUNCH, "--config_file", str(REPO / "recipes/accelerate/cpu_ddp.yaml"), "--num_processes",
+               str(processes), "--main_process_port", str(free_port()), str(REPO / "tests/ppo_distributed_run.py"),
+               str(out), *flags]
+    proc = subprocess.run(command, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def assert_same(a: dict, b: dict, atol: float):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (gloo) path")
+def test_ppo_two_processes_equal_one_process_with_the_double_batch(tmp_path):
+    """2 processes x 4 prompts train the weights of 1 process x 8 prompts: disjoint prompt slices, advantages
+    whitened over both processes, token means over both. Sampling is greedy (top_k 1) so the rollouts agree."""
+    from ppo_distributed_run import parameters, run
+
+    launch_ppo(tmp_path / "two", "--batch_size", "4", "--top_k", "1")
+    one = run(tmp_path / "one", batch_size=8, top_k=1)
+    two = torch.load(tmp_path / "two" / "parameters.pt", weights_only=True)
+    start = run(tmp_path / "start", batch_size=8, top_k=1, max_steps=0)
+    moved = max((v - parameters(start)[k]).abs().max().item() for k, v in two.items())
+    assert moved > 1e-4  # training changed the weights
+    assert_same(parameters(one), two, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (gloo) path")
+def test_ppo_two_processes_killed_and_resumed_equal_the_uninterrupted_run(tmp_path):
+    """Rank 0 dies by SIGKILL in the middle of step 3; the rerun resumes both ranks from checkpoint-2 (weights,
+    optimiser, schedule, each rank's sampling RNG) and ends with the weights and history of a run never stopped."""
+    flags = ["--max_steps", "4", "--save_steps", "2"]
+    launch_ppo(tmp_path / "straight", *flags)
+    killed = launch_ppo(tmp_path / "killed", *flags, "--die_in_step", "3", check=False)
+    assert killed.returncode != 0
+    assert (tmp_path / "killed" / "checkpoint-2").is_dir() and not (tmp_path / "killed" / "checkpoint-4").exists()
+    launch_ppo(tmp_path / "killed", *flags, "--resume")
+    straight = torch.load(tmp_path / "straight" / "parameters.pt", weights_only=True)
+    assert_same(straight, torch.load(tmp_path / "killed" / "parameters.pt", weights_only=True), atol=1e-6)
+    history = [(tmp_path / run / "history.json").read_text() for run in ("straight", "killed")]
+    assert history[0] == history[1]

@@ -4,6 +4,7 @@ of the shipped demo configs: artifacts load, lineage is checked, interrupted run
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,12 +25,18 @@ TINY_MODEL = ["--hidden_size", "64", "--num_hidden_layers", "2", "--num_attentio
 TINY_TRAIN = ["--per_device_train_batch_size", "4", "--logging_steps", "1", "--max_seconds", "600"]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(stage: str, *args: str, processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
     if processes == 1:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu"]
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                   str(REPO / "recipes" / "accelerate" / "cpu_ddp.yaml")]
+                   str(REPO / "recipes" / "accelerate" / "cpu_ddp.yaml"), "--main_process_port", str(free_port())]
     command += [str(REPO / "recipes" / f"{stage}.py"), "--config", str(CONFIGS / f"{stage}.yaml"), *args]
     proc = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
     if check:
@@ -233,8 +240,8 @@ def test_classify_stage_reports_accuracy(chain, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def sft_lora(chain):
-    launch("sft", *sft_args(chain, chain / "sft", "lora"))
+def sft_lora(chain):  # two CPU processes (gloo): the alignment stages below run distributed too
+    launch("sft", *sft_args(chain, chain / "sft", "lora"), processes=2)
     return chain / "sft"
 
 
@@ -247,7 +254,7 @@ def load_causal_lm(path: Path):
 @pytest.fixture(scope="module")
 def reward(chain, sft_lora):
     launch("reward", "--output_dir", str(chain / "reward"), "--model_name_or_path", str(sft_lora),
-           "--dataset_path", "demo:preference?n=120", "--max_steps", "4", *TINY_TRAIN)
+           "--dataset_path", "demo:preference?n=120", "--max_steps", "4", *TINY_TRAIN, processes=2)
     return chain / "reward"
 
 
@@ -275,7 +282,8 @@ def test_ppo_stage_writes_a_loadable_policy(chain, sft_lora, reward, tmp_path, m
     out = tmp_path / "ppo"
     launch("ppo", "--output_dir", str(out), "--model_name_or_path", str(sft_lora), "--reward_model_path", str(reward),
            "--dataset_path", "demo:prompts?n=40", "--max_steps", "3", "--batch_size", "4", "--mini_batch_size", "2",
-           "--save_steps", "2", "--eval_demo_tasks", "6", "--method", method, "--lora_r", "4")
+           "--save_steps", "2", "--eval_demo_tasks", "6", "--method", method, "--lora_r", "4",
+           processes=2 if method == "full" else 1)
     meta = manifest(out)
     assert meta["stage"] == "ppo" and len(meta["metrics"]["reward_history"]) == 3
     assert meta["config"]["ppo"]["max_steps"] == 3
@@ -289,7 +297,7 @@ def test_ppo_stage_writes_a_loadable_policy(chain, sft_lora, reward, tmp_path, m
 def test_dpo_on_policy_and_grpo(chain, sft_lora, tmp_path):
     launch("dpo", "--output_dir", str(tmp_path / "dpo"), "--model_name_or_path", str(sft_lora),
            "--dataset_path", "demo:prompts?n=40", "--max_steps", "2", "--on_policy_samples", "2",
-           "--eval_demo_tasks", "6", "--loss_type", "ipo", "--loss_weights", "1.0", *TINY_TRAIN)
+           "--eval_demo_tasks", "6", "--loss_type", "ipo", "--loss_weights", "1.0", *TINY_TRAIN, processes=2)
     meta = manifest(tmp_path / "dpo")
     assert meta["metrics"]["pairs_prompts"] > 30 and meta["config"]["training"]["loss_type"] == ["ipo"]
     # Step 1 starts with policy == reference (full fine-tuning, no dropout), so every pair's log-ratio margin is 0
@@ -301,7 +309,7 @@ def test_dpo_on_policy_and_grpo(chain, sft_lora, tmp_path):
     load_causal_lm(tmp_path / "dpo")
     launch("grpo", "--output_dir", str(tmp_path / "grpo"), "--model_name_or_path", str(sft_lora),
            "--dataset_path", "demo:prompts?n=40", "--max_steps", "2", "--num_generations", "4",
-           "--eval_demo_tasks", "6", *TINY_TRAIN)
+           "--eval_demo_tasks", "6", *TINY_TRAIN, processes=2)
     grpo = manifest(tmp_path / "grpo")["metrics"]
     assert len(grpo["reward_history"]) == 2  # one logged reward per step (logging_steps=1)
     assert (grpo["mean_reward_first"], grpo["mean_reward"]) == tuple(grpo["reward_history"])  # quarter = 1 step

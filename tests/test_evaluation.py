@@ -292,7 +292,8 @@ STAGES = [{"stage": "pretrain", "metrics": {"perplexity": 3.1, "exact_match": 0.
           {"stage": "sft", "metrics": {"exact_match": 0.4, "exact_match_per_kind": {"add": 0.5}},
            "loss_history": [(1, 2.0), (2, 1.5)]},
           {"stage": "reward", "metrics": {"reward_accuracy": 0.85, "mean_reward": float("nan")}},
-          {"stage": "ppo", "metrics": {"exact_match": 0.45, "mean_reward": 1.2}, "reward_history": [0.1, 0.5, 1.2]}]
+          {"stage": "ppo", "metrics": {"exact_match": 0.45, "mean_reward": 1.2}, "reward_history": [0.1, 0.5, 1.2],
+           "kl_history": [0.0, 0.2, 0.4]}]
 
 
 def test_report_files(tmp_path):
@@ -308,6 +309,25 @@ def test_report_files(tmp_path):
     assert "| ppo |  | 0.450 |  | 1.200 |  |" in table
     for name in ("metrics.png", "loss_curves.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # 3 steps: quarters of one step; gain 1.2 - 0.1 = 1.1 at KL 0.4 -> 2.75 per unit of KL
+    assert ("- ppo reward–KL: mean KL 0.400 over the last quarter for a reward gain of +1.100 (+2.75 per unit of "
+            "KL); plot: ppo/reward_kl.png") in table
+
+
+def test_reward_kl_trend_and_plot(tmp_path):
+    from PIL import Image
+
+    from pipeline.evaluation.evaluators import reward_kl_trend
+    from pipeline.evaluation.report import reward_kl_plot
+
+    # 8 steps: quarters of 2; rewards (1 + 2) / 2 = 1.5 -> (6 + 8) / 2 = 7, KL (0.5 + 1.5) / 2 = 1
+    trend = reward_kl_trend([1, 2, 3, 4, 5, 5, 6, 8], [0, 0.1, 0.2, 0.2, 0.3, 0.4, 0.5, 1.5])
+    assert trend == pytest.approx({"mean_kl": 1.0, "reward_gain": 5.5, "reward_gain_per_kl": 5.5})
+    assert reward_kl_trend([1.0, 2.0], [0.0, 0.0])["reward_gain_per_kl"] is None  # no drift, no ratio
+    with pytest.raises(ValueError, match="as many KL values"):
+        reward_kl_trend([1.0, 2.0], [0.1])
+    image = Image.open(reward_kl_plot([1, 2, 3], [0.0, 0.1, 0.3], tmp_path / "frontier.png"))
+    assert image.size == (500, 380)
 
 
 def test_report_without_histories_writes_no_loss_plot_and_rejects_bad_rows(tmp_path):

@@ -291,6 +291,15 @@ def test_ppo_stage_writes_a_loadable_policy(chain, sft_lora, reward, tmp_path, m
     assert solved == pytest.approx(round(solved), abs=1e-9)
     # mean_reward is the mean of the last quarter of the per-step rewards (one step of three)
     assert meta["metrics"]["mean_reward"] == pytest.approx(meta["metrics"]["reward_history"][-1])
+    # the reward-KL trade-off: per-step KL, its last-quarter mean (one step), the gain per unit of KL, the plot
+    metrics = meta["metrics"]
+    assert len(metrics["kl_history"]) == 3 and metrics["mean_kl"] == pytest.approx(metrics["kl_history"][-1])
+    if metrics["mean_kl"] > 0:
+        assert metrics["reward_gain_per_kl"] == pytest.approx(
+            (metrics["mean_reward"] - metrics["mean_reward_first"]) / metrics["mean_kl"])
+    from PIL import Image
+
+    assert Image.open(out / "reward_kl.png").size == (500, 380)
     assert load_causal_lm(out)(torch.tensor([[1, 4, 5]])).logits.shape[-1] == 300
 
 

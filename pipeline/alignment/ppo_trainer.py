@@ -468,6 +468,28 @@ class PPOTrainer:
         finally:
             self.actor_critic.reshard()
 
+    @torch.no_grad()
+    def evaluate(self, prompts: Sequence[Sequence[int]], batch_size: int | None = None) -> dict:
+        """Reward and KL of the current policy on other prompts (held out, say): one response per prompt, sampled
+        as in training and scored by `reward_fn` (without the missing-EOS penalty); `kl` is the mean per-response
+        sum of log p - log p_ref (k1). Training's random state is left as it was."""
+        self.policy.eval(), self.value_model.eval()
+        prompts = self._check_prompts(prompts)
+        chunk = batch_size or self.config.rollout_batch_size or self.config.batch_size
+        scores, kls, lengths = [], [], []
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            for begin in range(0, len(prompts), chunk):
+                part = prompts[begin:begin + chunk]
+                rollout = self._rollout_chunk(part)
+                mask = rollout["response_mask"]
+                responses = [row[m.bool()].tolist() for row, m in zip(rollout["response"].cpu(), mask.cpu())]
+                scores.append(torch.as_tensor(self.reward_fn(part, responses), dtype=torch.float32).reshape(-1))
+                kls.append(((rollout["logprobs"] - rollout["ref_logprobs"]) * mask).sum(1).cpu())
+                lengths.append(mask.sum(1).float().cpu())
+        return {"reward": torch.cat(scores).mean().item(), "kl": torch.cat(kls).mean().item(),
+                "response_length": torch.cat(lengths).mean().item(), "samples": len(prompts)}
+
     # ---------------------------------------------------------------- optimisation
 
     def _optimize(self, batch: dict, step: int) -> dict:

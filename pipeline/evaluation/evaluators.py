@@ -132,6 +132,19 @@ def reward_trend(rewards: Sequence[float]) -> dict:
             "mean_reward": sum(rewards[-quarter:]) / quarter if rewards else None}
 
 
+def reward_kl_trend(rewards: Sequence[float], kls: Sequence[float]) -> dict:
+    """The reward-KL trade-off of an RL run from its per-step mean reward and KL: {"mean_kl": mean KL of the last
+    quarter, "reward_gain": last-quarter minus first-quarter mean reward, "reward_gain_per_kl": their ratio (None
+    when the KL is not positive)}."""
+    if not rewards or len(rewards) != len(kls):
+        raise ValueError(f"reward_kl_trend: needs as many KL values ({len(kls)}) as rewards ({len(rewards)}), >= 1")
+    trend = reward_trend(rewards)
+    quarter = max(1, len(kls) // 4)
+    mean_kl = sum(kls[-quarter:]) / quarter
+    gain = trend["mean_reward"] - trend["mean_reward_first"]
+    return {"mean_kl": mean_kl, "reward_gain": gain, "reward_gain_per_kl": gain / mean_kl if mean_kl > 0 else None}
+
+
 def select_shots(task, shots: Iterable, k: int) -> list:
     """Up to `k` solved examples for `task`: same kind and language first, then same language, then any.
 

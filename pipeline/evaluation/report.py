@@ -1,7 +1,8 @@
 """The stage report of a chain run: `report.json`, `report.md` (one row per stage) and PNG plots.
 
 A stage row is {"stage": name, "metrics": {...}} plus, optionally, "loss_history" [(step, loss), ...],
-"reward_history" [mean reward per step, ...], and for the export row "source" and "showcase" [{"question",
+"reward_history" [mean reward per step, ...], "kl_history" [KL per step, as many] (an RL stage: a reward-KL note),
+and for the export row "source" and "showcase" [{"question",
 "expected", "answer"}, ...]: held-out demo questions the exported model answered, each marked right or wrong.
 """
 
@@ -10,8 +11,10 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Sequence
 
 from pipeline.data.demo_tasks import verify
+from pipeline.evaluation.evaluators import reward_kl_trend
 
 # (metric key, column title, format): the table's columns, in order.
 COLUMNS = (("perplexity", "perplexity", "{:.2f}"), ("exact_match", "exact match", "{:.3f}"),
@@ -69,6 +72,13 @@ def _notes(stages: list[dict]) -> list[str]:
             notes.append(f"- {row['stage']} reward curve: {len(history)} steps, mean reward "
                          f"{sum(history[:quarter]) / quarter:.3f} (first quarter) → "
                          f"{sum(history[-quarter:]) / quarter:.3f} (last quarter)")
+        kls = row.get("kl_history") or []
+        if kls and len(kls) == len(history):
+            trend = reward_kl_trend(history, kls)
+            per_kl = trend["reward_gain_per_kl"]
+            notes.append(f"- {row['stage']} reward–KL: mean KL {trend['mean_kl']:.3f} over the last quarter for a reward "
+                         f"gain of {trend['reward_gain']:+.3f}" + (f" ({per_kl:+.2f} per unit of KL)" if per_kl else "")
+                         + f"; plot: {row['stage']}/{REWARD_KL_PLOT}")
         if row.get("showcase"):
             notes += showcase_lines(row)
     return notes
@@ -151,3 +161,24 @@ def _plots(stages: list[dict], out_dir: Path) -> list[Path]:
         fig.savefig(out_dir / "loss_curves.png", dpi=100)
         written.append(out_dir / "loss_curves.png")
     return written
+
+
+REWARD_KL_PLOT = "reward_kl.png"
+
+
+def reward_kl_plot(rewards: Sequence[float], kls: Sequence[float], path: str | Path) -> Path:
+    """The reward-KL frontier of an RL run: mean reward against KL to the reference, one point per step coloured
+    by step, so the price of each reward gain in drift from the reference is visible."""
+    path = Path(path)
+    fig = _figure(5.0, 3.8)
+    ax = fig.add_subplot()
+    steps = list(range(1, len(rewards) + 1))
+    ax.plot(kls, rewards, color="#bbbbbb", linewidth=1, zorder=1)
+    points = ax.scatter(kls, rewards, c=steps, cmap="viridis", s=18, zorder=2)
+    fig.colorbar(points, ax=ax, label="step")
+    ax.set_xlabel("KL(policy || reference) per response")
+    ax.set_ylabel("mean reward")
+    ax.set_title("reward vs KL over training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path

@@ -140,6 +140,7 @@ def run_chain(args: ChainArguments) -> dict:
         row["loss_history"] = metrics.get("loss_history") or []
         if stage == "ppo":
             row["reward_history"] = metrics.get("reward_history", [])
+            row["kl_history"] = metrics.get("kl_history", [])
         report.append(row)
         print(f"    {row['metrics']}", flush=True)
     if args.export and {"ppo", "dpo", "grpo"} & set(stages):

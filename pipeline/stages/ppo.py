@@ -22,7 +22,8 @@ from pipeline.data.tokenizer import load_tokenizer
 from pipeline.adapters import MethodArguments, full_weights_dir, load_for_method, merged_for_saving
 from pipeline.artifacts import StageOutput, check_parent, latest_checkpoint, tokenizer_hash
 from pipeline.data.demo_tasks import verify
-from pipeline.evaluation.evaluators import held_out_demo_metrics, reward_trend, score_token_rows
+from pipeline.evaluation.evaluators import held_out_demo_metrics, reward_kl_trend, reward_trend, score_token_rows
+from pipeline.evaluation.report import REWARD_KL_PLOT, reward_kl_plot
 from pipeline.stages.common import check_distributed_setup
 from pipeline.stages.training import (
     DataArguments, dataset_records, resolve_mixture, run_fingerprint, write_stage_output,
@@ -179,9 +180,11 @@ def _train_ppo(args: PPOArguments, config: PPOConfig) -> Path:
                                          [args.model_name_or_path, args.reward_model_path, args.value_model_path],
                                          mixture))
         history = trainer.train(resume_from_checkpoint=latest_checkpoint(out.checkpoints_dir))  # resume if killed
-        scores = [h["mean_score"] for h in history]
-        metrics = {**reward_trend(scores), "final_kl": history[-1]["kl"] if history else None,
-                   "reward_history": scores, "samples": trainer.samples}
+        scores, kls = [h["mean_score"] for h in history], [h["kl"] for h in history]
+        metrics = {**reward_trend(scores), "final_kl": kls[-1] if kls else None, "reward_history": scores,
+                   "kl_history": kls, "samples": trainer.samples}
+        if history:
+            metrics.update(reward_kl_trend(scores, kls))
         if trainer.sharded:  # the engine holds shards: gather one full copy into the output (every process)
             trainer.save_model(out.work)
             final = None
@@ -191,10 +194,12 @@ def _train_ppo(args: PPOArguments, config: PPOConfig) -> Path:
             metrics.update(held_out_demo_metrics(final or trainer.policy, tokenizer, args.eval_demo_tasks))
         metrics["wall_seconds"] = round(time.monotonic() - started, 1)
         if trainer.accelerator.is_main_process:
+            if history:  # the trade-off of this run, next to the model
+                reward_kl_plot(scores, kls, out.work / REWARD_KL_PLOT)
             write_stage_output(out, "ppo", model=final, tokenizer=tokenizer, artifact="model",
                                config={"stage": asdict(args), "ppo": asdict(config)}, parent=args.model_name_or_path,
                                datasets=dataset_records(mixture, args) + ptx_records, metrics=metrics)
         trainer.accelerator.wait_for_everyone()
-    print(f"PPO done: mean reward {metrics['mean_reward_first']:.3f} -> {metrics['mean_reward']:.3f}, "
-          f"exact match {metrics.get('exact_match')}")
+    print(f"PPO done: mean reward {metrics['mean_reward_first']:.3f} -> {metrics['mean_reward']:.3f} at KL "
+          f"{metrics.get('mean_kl', 0.0):.3f}, exact match {metrics.get('exact_match')}")
     return destination

@@ -279,6 +279,21 @@ def test_flex_document_mask_equals_the_segment_loop_and_rows_alone(preset, monke
     assert mask.shape[0] == 2 and mask.shape[-2:] == (PACKED_POSITIONS.shape[1],) * 2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled flex attention (and its backward) needs a GPU")
+def test_flex_document_mask_on_gpu_trains_like_the_segment_loop():
+    ids, _ = packed_batch()
+    ids, positions = ids.cuda(), PACKED_POSITIONS.cuda()
+    grads = {}
+    for implementation in ("sdpa", "flex_attention"):
+        model = tiny(num_key_value_heads=2).cuda().train()
+        model.set_attn_implementation(implementation)
+        loss = model(ids, position_ids=positions, labels=ids).loss
+        loss.backward()
+        grads[implementation] = (loss.detach(), model.model.layers[0].self_attn.q_proj.weight.grad)
+    torch.testing.assert_close(grads["flex_attention"][0], grads["sdpa"][0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(grads["flex_attention"][1], grads["sdpa"][1], atol=1e-4, rtol=1e-3)
+
+
 def test_varlen_boundaries_are_the_packed_sequences_of_the_flattened_rows():
     from pipeline.modeling.modeling_pipeline_gpt import varlen_boundaries
 

@@ -50,6 +50,7 @@ TINY.update({
     "pipeline merge": "", "pipeline export": "", "pipeline push": "", "pipeline env": "",
     "python benchmarks/ppo_speed.py": "--steps 1 --batch_size 4 --mini_batch_size 2",
     "python benchmarks/sft_families.py": "--rows 30 --steps 1 --batch_size 4 --hidden 32 --layers 1",
+    "python benchmarks/gpu_check.py": "--dry_run",  # the plan only: the stages need GPUs (tests/test_gpu_check.py)
     "python benchmarks/sft_packing.py": "--data demo:sft?n=60 --max_length 64 --batch_size 2 --hidden 32 --layers 1 "
                                         "--vocab_size 300 --steps 2 --repeats 1",
 })

@@ -233,20 +233,150 @@ def test_packed_sdpa_attends_span_by_span_and_matches_the_masked_eager_path():
     torch.testing.assert_close(grads["sdpa"][1], grads["eager"][1], atol=1e-5, rtol=1e-4)
 
 
+def unfused_flex_attention(monkeypatch) -> list:
+    """Route transformers' flex attention through torch's unfused implementation (compiling it takes minutes on a
+    CPU); returns the list of block masks it is called with."""
+    import transformers.integrations.flex_attention as flex_integration
+    from torch.nn.attention.flex_attention import flex_attention
+
+    calls = []
+
+    def unfused(query, key, value, training=False, **kwargs):
+        calls.append(kwargs.get("block_mask"))
+        return flex_attention(query, key, value, **kwargs)
+
+    monkeypatch.setattr(flex_integration, "compile_friendly_flex_attention", unfused)
+    return calls
+
+
+PACKED_POSITIONS = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2, 0, 1]])
+
+
+def packed_batch():
+    """Two packed rows of different boundaries, and each row's sequences as (row, start, end)."""
+    from pipeline.modeling.modeling_pipeline_gpt import packed_segments
+
+    spans = [(row, s, e) for row, segments in enumerate(packed_segments(PACKED_POSITIONS, 2)) for s, e in segments]
+    return tokens(2, PACKED_POSITIONS.shape[1], seed=5), spans
+
+
+@pytest.mark.parametrize("preset", ["llama", "smeared"])
+def test_flex_document_mask_equals_the_segment_loop_and_rows_alone(preset, monkeypatch):
+    calls = unfused_flex_attention(monkeypatch)
+    ids, spans = packed_batch()
+    loop, flex = tiny(preset, num_key_value_heads=2), tiny(preset, num_key_value_heads=2)
+    loop.set_attn_implementation("sdpa")
+    flex.set_attn_implementation("flex_attention")
+    with torch.no_grad():  # flex attention has no CPU backward in torch 2.13
+        by_loop = loop(ids, position_ids=PACKED_POSITIONS).logits
+        by_flex = flex(ids, position_ids=PACKED_POSITIONS).logits
+        torch.testing.assert_close(by_flex, by_loop, atol=1e-5, rtol=0)
+        for row, start, end in spans:
+            alone = loop(ids[row:row + 1, start:end]).logits[0]
+            torch.testing.assert_close(by_flex[row, start:end], alone, atol=1e-5, rtol=0)
+    mask = calls[0]
+    assert len(calls) == 2 and all(m is mask for m in calls)  # one document mask, built once for every layer
+    assert mask.shape[0] == 2 and mask.shape[-2:] == (PACKED_POSITIONS.shape[1],) * 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled flex attention (and its backward) needs a GPU")
+def test_flex_document_mask_on_gpu_trains_like_the_segment_loop():
+    ids, _ = packed_batch()
+    ids, positions = ids.cuda(), PACKED_POSITIONS.cuda()
+    grads = {}
+    for implementation in ("sdpa", "flex_attention"):
+        model = tiny(num_key_value_heads=2).cuda().train()
+        model.set_attn_implementation(implementation)
+        loss = model(ids, position_ids=positions, labels=ids).loss
+        loss.backward()
+        grads[implementation] = (loss.detach(), model.model.layers[0].self_attn.q_proj.weight.grad)
+    torch.testing.assert_close(grads["flex_attention"][0], grads["sdpa"][0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(grads["flex_attention"][1], grads["sdpa"][1], atol=1e-4, rtol=1e-3)
+
+
+def test_varlen_boundaries_are_the_packed_sequences_of_the_flattened_rows():
+    from pipeline.modeling.modeling_pipeline_gpt import varlen_boundaries
+
+    _, spans = packed_batch()
+    width = PACKED_POSITIONS.shape[1]
+    flat = [row * width + start for row, start, _ in spans] + [2 * width]
+    kwargs = varlen_boundaries(PACKED_POSITIONS, 2)
+    assert kwargs["cu_seq_lens_q"].dtype == torch.int32 and kwargs["cu_seq_lens_q"].tolist() == flat
+    assert kwargs["cu_seq_lens_k"] is kwargs["cu_seq_lens_q"]
+    assert kwargs["max_length_q"] == kwargs["max_length_k"] == max(e - s for _, s, e in spans) == 9
+    one_row = varlen_boundaries(torch.arange(6)[None], 3)  # unpacked rows: one sequence per row
+    assert one_row["cu_seq_lens_q"].tolist() == [0, 6, 12, 18] and one_row["max_length_q"] == 6
+
+
+def fake_flash_attention(monkeypatch) -> list:
+    """Stand in for the flash-attn package inside transformers' flash integration: the variable-length kernel is
+    causal SDPA per span of cu_seqlens. Returns the cu_seqlens each call received."""
+    import transformers.modeling_flash_attention_utils as flash_utils
+
+    seen = []
+
+    def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None, causal=True,
+               **kwargs):  # (total, H, D) in and out
+        assert causal and torch.equal(cu_seqlens_q, cu_seqlens_k)
+        seen.append(cu_seqlens_q)
+        bounds = cu_seqlens_q.tolist()
+        assert max_seqlen_q == max(b - a for a, b in zip(bounds, bounds[1:]))
+        out = [torch.nn.functional.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True,
+            scale=softmax_scale, enable_gqa=True).transpose(0, 1) for a, b in zip(bounds, bounds[1:])]
+        return torch.cat(out)
+
+    def no_varlen(*args, **kwargs):
+        raise AssertionError("packed rows reached the fixed-length flash kernel")
+
+    def process(**kwargs):
+        return {"max_seqlen_q": kwargs["max_seqlen_q"], "max_seqlen_k": kwargs["max_seqlen_k"],
+                "softmax_scale": kwargs["softmax_scale"], "causal": kwargs["is_causal"]}
+
+    monkeypatch.setattr(flash_utils, "lazy_import_flash_attention",
+                        lambda *args, **kwargs: ((no_varlen, varlen, None, None, None), (process, dict)))
+    return seen
+
+
+def test_flash_attention_gets_the_packed_boundaries(monkeypatch):
+    seen = fake_flash_attention(monkeypatch)
+    ids, spans = packed_batch()
+    loop, flash = tiny(num_key_value_heads=2), tiny(num_key_value_heads=2)
+    loop.set_attn_implementation("sdpa")
+    flash.config._attn_implementation = "flash_attention_2"  # the flash-attn package itself is faked above
+    with torch.no_grad():
+        expected = loop(ids, position_ids=PACKED_POSITIONS).logits
+        # two packed rows: transformers alone would see a batch of 2 and run the fixed-length kernel across them
+        torch.testing.assert_close(flash(ids, position_ids=PACKED_POSITIONS).logits, expected, atol=1e-5, rtol=0)
+        assert len(seen) == 2 and seen[0].tolist()[-1] == ids.numel()
+        # boundaries a padding-free collator computed are passed through as they are
+        flat_ids, flat_positions = ids.reshape(1, -1), PACKED_POSITIONS.reshape(1, -1)
+        given = torch.tensor([0, 5, 8, 14, 23, 26, 28], dtype=torch.int32)
+        logits = flash(flat_ids, position_ids=flat_positions, cu_seq_lens_q=given, cu_seq_lens_k=given,
+                       max_length_q=9, max_length_k=9).logits
+        torch.testing.assert_close(logits.reshape(expected.shape), expected, atol=1e-5, rtol=0)
+        assert all(c is given for c in seen[2:]) and len(seen) == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention needs a CUDA GPU")
+def test_flash_attention_on_gpu_equals_the_segment_loop():
+    pytest.importorskip("flash_attn", reason="the flash-attn package is not installed")
+    ids, _ = packed_batch()
+    loop, flash = tiny(num_key_value_heads=2), tiny(num_key_value_heads=2)
+    loop.set_attn_implementation("sdpa")
+    flash.set_attn_implementation("flash_attention_2")
+    loop, flash = loop.to("cuda", torch.bfloat16), flash.to("cuda", torch.bfloat16)
+    ids, positions = ids.cuda(), PACKED_POSITIONS.cuda()
+    with torch.no_grad():
+        torch.testing.assert_close(flash(ids, position_ids=positions).logits,
+                                   loop(ids, position_ids=positions).logits, atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.skipif(
     not os.environ.get("PIPELINE_SLOW_TESTS"), reason="compiling flex attention takes minutes on CPU; "
                                                       "set PIPELINE_SLOW_TESTS=1"))])
 def test_flex_attention_matches_eager_in_inference(compiled, monkeypatch):
-    calls = []
-    if not compiled:  # the model's flex path (block mask, scaling, GQA) through torch's unfused flex attention
-        import transformers.integrations.flex_attention as flex_integration
-        from torch.nn.attention.flex_attention import flex_attention
-
-        def unfused(query, key, value, training=False, **kwargs):
-            calls.append(kwargs.get("block_mask"))
-            return flex_attention(query, key, value, **kwargs)
-
-        monkeypatch.setattr(flex_integration, "compile_friendly_flex_attention", unfused)
+    calls = [] if compiled else unfused_flex_attention(monkeypatch)
     eager, flex = tiny(), tiny()
     flex.set_attn_implementation("flex_attention")
     x = tokens(2, 16)

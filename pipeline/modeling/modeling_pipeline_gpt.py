@@ -28,6 +28,7 @@ from transformers.modeling_outputs import (
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update  # semi-private
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep  # semi-private
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults  # semi-private decorators
+from transformers.utils.generic import is_flash_attention_requested  # semi-private: "flash" in the implementation
 from transformers.utils.output_capturing import capture_outputs  # semi-private: fills hidden_states/attentions
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -124,6 +125,48 @@ def packed_segments(position_ids: torch.Tensor, batch_size: int) -> list[list[tu
         starts = [0] + [t for t in range(1, len(row)) if row[t] != row[t - 1] + 1]
         spans.append(list(zip(starts, starts[1:] + [len(row)])))
     return spans
+
+
+def sequence_starts(position_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(B, T) bool, True where a packed sequence starts: at each row's first token and wherever the position id does
+    not continue the previous one (the rule of packed_segments, on the device, without a host sync)."""
+    positions = position_ids.expand(batch_size, -1)
+    starts = torch.ones_like(positions, dtype=torch.bool)
+    starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+    return starts
+
+
+def varlen_boundaries(position_ids: torch.Tensor, batch_size: int) -> dict:
+    """The variable-length kwargs of transformers' flash-attention integration for packed rows: cumulative sequence
+    lengths over the B*T tokens flattened row after row (a row start always starts a sequence) and the longest one.
+
+    transformers derives them from position ids by itself only for a single row, and then in every layer; a
+    padding-free collator (TRL's) computes them on the CPU and they arrive in `**kwargs` instead.
+    """
+    starts = sequence_starts(position_ids, batch_size).flatten()
+    ends = starts.new_tensor([starts.numel()], dtype=torch.long)
+    cu_seqlens = torch.cat([starts.nonzero().flatten(), ends]).to(torch.int32)
+    longest = int(cu_seqlens.diff().max())
+    return {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens, "max_length_q": longest, "max_length_k": longest}
+
+
+def document_block_mask(position_ids: torch.Tensor, batch_size: int, device: torch.device):
+    """A flex-attention BlockMask for packed rows: a token attends to earlier tokens of its own sequence only.
+
+    Blocks that straddle no sequence boundary are skipped or run unmasked by the kernel, so the cost follows the
+    sum of the squared sequence lengths rather than the row's. Compiled on a GPU, where the uncompiled builder would
+    hold the whole (B, T, T) mask; uncompiled elsewhere (compiling takes seconds on a CPU, and CPU rows are short).
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    documents = sequence_starts(position_ids, batch_size).cumsum(-1).to(device)  # (B, T) sequence index per token
+
+    def same_sequence_causal(b, h, q_idx, kv_idx):
+        return (documents[b, q_idx] == documents[b, kv_idx]) & (q_idx >= kv_idx)
+
+    build = torch.compile(create_block_mask) if device.type == "cuda" else create_block_mask
+    length = documents.shape[1]
+    return build(same_sequence_causal, B=batch_size, H=None, Q_LEN=length, KV_LEN=length, device=device)
 
 
 def segment_attention(query, key, value, segments, scaling: float, dropout: float = 0.0) -> torch.Tensor:
@@ -380,19 +423,27 @@ class PipelineGPTModel(PipelineGPTPreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
             position_ids = position_ids.unsqueeze(0)
 
-        # Packed rows under SDPA attend sequence by sequence (see segment_attention) instead of through a
-        # block-diagonal mask; other attention implementations get the mask (flash attention reads position_ids).
-        segments = None
-        if packed_call and past_key_values is None and self.config._attn_implementation == "sdpa":
-            segments = packed_segments(position_ids, inputs_embeds.shape[0])
+        # Packed rows keep their sequences apart: under SDPA sequence by sequence (see segment_attention), under
+        # flash attention through its variable-length kernel (sequence boundaries from the collator, else from the
+        # position ids), under flex attention through a block mask of the sequences; eager gets transformers' mask.
+        implementation, batch = self.config._attn_implementation, inputs_embeds.shape[0]
+        packed_rows = packed_call and past_key_values is None
+        segments, mask = None, None
+        if packed_rows and implementation == "sdpa":
+            segments = packed_segments(position_ids, batch)
             kwargs["packed_segments"] = segments
-        mask = None if segments is not None else create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
+        elif packed_rows and implementation == "flex_attention":
+            mask = document_block_mask(position_ids, batch, inputs_embeds.device)
+        else:
+            if packed_rows and is_flash_attention_requested(self.config) and "cu_seq_lens_q" not in kwargs:
+                kwargs.update(varlen_boundaries(position_ids, batch))
+            mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                position_ids=position_ids,
+            )
         hidden_states = inputs_embeds
         position_embeddings = None
         if self.embed_positions is not None:

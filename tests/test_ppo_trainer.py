@@ -11,6 +11,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from pipeline.alignment import PPOConfig, PPOTrainer
+from pipeline.alignment.ppo_core import kl_estimate
 from pipeline.data.tokenizer import train_tokenizer
 from pipeline.modeling import PipelineGPTConfig, PipelineGPTForCausalLM, PipelineGPTForSequenceClassification
 
@@ -444,3 +445,32 @@ def test_learning_rate_schedules_and_value_warmup(tokenizer, tmp_path):
     assert trainer.optimizer.param_groups[1]["lr"] == pytest.approx(2e-3 * 3 / 4)
     with pytest.raises(ValueError, match="lr_scheduler_type must be one of"):
         PPOConfig(lr_scheduler_type="exponential")
+
+
+def test_kl_in_the_loss_leaves_the_reward_to_the_score(tokenizer, tmp_path):
+    """kl_penalty="loss": the per-token rewards (so the advantages) hold the score alone, whatever the coefficient,
+    and the coefficient enters the policy loss instead; kl_penalty="reward" puts it in the rewards."""
+    def rollout(mode, coef):
+        trainer = make_trainer(tokenizer, tmp_path / f"{mode}{coef}", scramble=True, kl_penalty=mode,
+                               init_kl_coef=coef, whiten_advantages=False, kl_estimator="k3")
+        torch.manual_seed(5)
+        return trainer, trainer._rollout(0)["batch"]
+
+    _, loss_free = rollout("loss", 0.0)
+    trainer, loss_heavy = rollout("loss", 5.0)
+    _, reward_heavy = rollout("reward", 5.0)
+    assert (loss_heavy["logprobs"] - loss_heavy["ref_logprobs"]).abs().max() > 1e-3  # policy != reference
+    torch.testing.assert_close(loss_heavy["advantages"], loss_free["advantages"], atol=0, rtol=0)
+    assert (reward_heavy["advantages"] - loss_free["advantages"]).abs().max() > 1e-2
+    rows = torch.arange(2)
+    tokens = loss_heavy["response_mask"][rows].sum().float()
+    with_kl = trainer._micro_step(loss_heavy, rows, tokens, 0)["policy_loss"]
+    trainer.config.kl_penalty = "reward"
+    trainer.optimizer.zero_grad()
+    without = trainer._micro_step(loss_heavy, rows, tokens, 0)["policy_loss"]
+    # first epoch: ratio 1, so the policy's k3 KL to the reference is the batch's; 5 x its token mean is the gap
+    k3 = kl_estimate(loss_heavy["logprobs"], loss_heavy["ref_logprobs"], "k3")[rows]
+    expected = 5.0 * (k3 * loss_heavy["response_mask"][rows]).sum().item() / tokens.item()
+    assert with_kl - without == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError, match="kl_penalty must be"):
+        PPOConfig(kl_penalty="both")

@@ -21,15 +21,24 @@ EOS, score with `reward_fn` (responses end with their EOS when they have one; th
 tokenizer if its reward model needs one), compute log-probs of the policy and reference and the value of each
 response token, turn score and per-token KL into per-token rewards, run GAE, then `ppo_epochs` passes over the
 rollout in shuffled groups of `mini_batch_size * gradient_accumulation_steps` rows with one optimiser step per
-group. Models run in eval mode (dropout off) so the first-epoch ratio is exactly 1.
+group. Models run in eval mode (dropout off) so the first-epoch ratio is 1. In float32 the rollout's policy
+log-probs are the logits `generate` computed while sampling (one forward pass fewer; equal to a forward pass within
+1e-5); under mixed precision they come from a forward pass, since cached low-precision logits differ from it.
+Sampling, policy and reference all run under the accelerator's autocast, so their KL starts at 0.
+
+Options that change the objective (each measured on the demo task in docs/experiments.md): `kl_penalty` ("reward":
+-coef x KL in every token's reward, InstructGPT; "loss": coef x the k3 KL in the policy loss), `kl_estimator`,
+`adaptive_kl`, `whiten_advantages`, `lr_scheduler_type` ("constant", "linear" to 0 as TRL's former PPOTrainer,
+"cosine") with `warmup_steps`, and `value_warmup_steps` (the value model trains alone for the first steps).
 
 `trainer.history` holds one dict per step (mean_score: reward_fn's mean before the missing-EOS penalty; kl: mean
 per-response sum of the per-token estimate; entropy; policy_clipfrac; value_clipfrac; approx_kl; policy_loss;
-value_loss; response_length: mean real tokens; kl_coef: the coefficient this step used; step), averaged over
-processes; `trainer.samples` the decoded (prompt, response, score) of the last step.
+value_loss; response_length: mean real tokens; kl_coef: the coefficient this step used; learning_rate: the
+policy's; step), averaged over processes; `trainer.samples` the decoded (prompt, response, score) of the last step.
+`trainer.evaluate(prompts)` gives the reward and KL of the current policy on other (held-out) prompts.
 
-Checkpoints go to `output_dir/checkpoint-<step>/` (policy/, value_model/, optimizer.pt, trainer_state.json,
-rng_state_<rank>.pth), written to a temporary folder and renamed, so a crash never leaves a half-written one; a
+Checkpoints go to `output_dir/checkpoint-<step>/` (policy/, value_model/, optimizer.pt, trainer_state.json with the
+schedule, rng_state_<rank>.pth; under FSDP and DeepSpeed Accelerate's `save_state` shards in engine_state/), written to a temporary folder and renamed, so a crash never leaves a half-written one; a
 resumed run reproduces the uninterrupted one exactly (pass the same reference model and prompts). A non-finite loss
 raises RuntimeError naming the step before any update, leaving the last checkpoint as it was.
 
@@ -38,8 +47,13 @@ PPO-ptx (InstructGPT, Ouyang et al. 2022, eq. 2): with `ptx_coef > 0` and `ptx_d
 rows as rollout rows, so RL does not unlearn what supervised training taught (the "alignment tax"). Rows come in a
 seeded order derived from the step, so resuming stays exact; `history` then holds `ptx_loss` too.
 
-Distributed: under `accelerate launch`, `batch_size` is per process, ranks take disjoint prompts, policy and value
-model are one DDP module (`PolicyAndValue`), and advantages are whitened per process.
+Distributed: under `accelerate launch`, `batch_size` is per process and ranks take disjoint prompts. Policy and
+value model are one module (`PolicyAndValue`) prepared together with one AdamW holding two parameter groups (policy
+and value learning rates), as FSDP and DeepSpeed require. Advantages are whitened and losses averaged over the tokens
+of every process, so N processes x batch B train the weights of one process x N*B (tested on CPU with gloo). Under
+FSDP2 the root's weights are gathered around generation and `generate` runs with `synced_gpus`; under DeepSpeed the
+reference runs in the engine's dtype and gradients are clipped by the engine as one norm (the sharded paths have not
+run on GPUs here).
 """
 
 from __future__ import annotations
@@ -118,6 +132,8 @@ class PPOConfig:
     rollout_logprobs: str = "auto"  # "generation" (from generate's logits, one policy forward fewer), "forward",
     # or "auto": generation in float32, a forward pass under mixed precision (cached low-precision logits differ)
     kl_estimator: str = "k1"  # per-token KL in the reward: "k1" (log ratio) or "k3" (non-negative)
+    kl_penalty: str = "reward"  # "reward": -kl_coef x KL in each token's reward (InstructGPT); "loss": kl_coef x the
+    # k3 KL of the current policy added to the policy loss (GRPO's form), the reward is then the score alone
     init_kl_coef: float = 0.05  # KL penalty coefficient (initial value when adaptive)
     adaptive_kl: bool = False  # adapt the coefficient towards kl_target (Ziegler et al. 2019)
     kl_target: float = 6.0  # target KL per response for the adaptive controller
@@ -149,6 +165,8 @@ class PPOConfig:
                 f"PPOConfig.batch_size={self.batch_size} must be a multiple of mini_batch_size * "
                 f"gradient_accumulation_steps = {self.mini_batch_size} * {self.gradient_accumulation_steps} = {group}"
             )
+        if self.kl_penalty not in ("reward", "loss"):
+            raise ValueError(f"PPOConfig.kl_penalty must be 'reward' or 'loss', got {self.kl_penalty!r}")
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"PPOConfig.kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
         if self.temperature <= 0:
@@ -281,15 +299,20 @@ class PPOTrainer:
             raise ValueError("PPOTrainer: the policy and the value model each need trainable parameters")
         value_lr = config.learning_rate if config.value_learning_rate is None else config.value_learning_rate
         # One optimiser, two parameter groups: FSDP and DeepSpeed prepare a model together with its optimiser.
+        # The fused kernel: one pass over all parameters (4x faster than the per-tensor loop on CPU); the sharded
+        # engines keep torch's default, which handles their parameter types.
+        fused = True if self.engine in (DistributedType.NO, DistributedType.MULTI_CPU,
+                                        DistributedType.MULTI_GPU) else None
         self.optimizer = torch.optim.AdamW([{"params": policy_params, "lr": config.learning_rate},
                                             {"params": value_params, "lr": value_lr}],
-                                           weight_decay=config.weight_decay)
+                                           weight_decay=config.weight_decay, fused=fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, [
             lambda step: self._lr_factor(step, policy=True), lambda step: self._lr_factor(step, policy=False)])
         if self.engine == DistributedType.DEEPSPEED:  # no dataloader is prepared, so DeepSpeed cannot infer it
             plugin = accelerator.state.deepspeed_plugin
             plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.mini_batch_size
             plugin.deepspeed_config["gradient_accumulation_steps"] = config.gradient_accumulation_steps
+            plugin.deepspeed_config["gradient_clipping"] = config.max_grad_norm or 0.0  # one norm over both models
         self.actor_critic, self.optimizer = self.accelerator.prepare(PolicyAndValue(self.policy, self.value_model),
                                                                      self.optimizer)
         self._policy_params, self._value_params = policy_params, value_params
@@ -398,7 +421,7 @@ class PPOTrainer:
         penalised = apply_missing_eos_penalty(scores, batch["has_eos"], cfg.missing_eos_penalty)
         kl = kl_estimate(batch["logprobs"], batch["ref_logprobs"], cfg.kl_estimator) * mask
         kl_coef = self.kl_controller.value
-        rewards = token_level_rewards(penalised, kl, mask, kl_coef)
+        rewards = token_level_rewards(penalised, kl, mask, kl_coef if cfg.kl_penalty == "reward" else 0.0)
         advantages, returns = compute_gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:  # over the rollout of every process, as one process would
             reduce_sum = (lambda t: self.accelerator.reduce(t, reduction="sum")) if (
@@ -572,9 +595,13 @@ class PPOTrainer:
         padding = mask == 0
         new_logprobs = logprobs_of(logits, response).masked_fill(padding, 0.0)
         values = values.masked_fill(padding, 0.0)
-        old = {key: batch[key][rows, :width] for key in ("logprobs", "advantages", "values", "returns")}
+        old = {key: batch[key][rows, :width] for key in ("logprobs", "ref_logprobs", "advantages", "values",
+                                                          "returns")}
         policy_loss, policy_clipfrac, approx_kl = clipped_policy_loss(
             new_logprobs, old["logprobs"], old["advantages"], mask, cfg.cliprange, num_tokens)
+        if cfg.kl_penalty == "loss":  # the KL of the policy being trained, differentiable, never negative (k3)
+            kl = kl_estimate(new_logprobs, old["ref_logprobs"], "k3")
+            policy_loss = policy_loss + self.kl_controller.value * masked_mean(kl, mask, num_tokens)
         value_loss, value_clipfrac = clipped_value_loss(
             values, old["values"], old["returns"], mask, cfg.cliprange_value, num_tokens)
         ptx_loss = torch.zeros((), device=policy_loss.device) if ptx_sum is None else ptx_sum / ptx[3]
@@ -585,7 +612,10 @@ class PPOTrainer:
                 f"checkpoint in {self.config.output_dir} is intact. Lower learning_rate/value_learning_rate or check "
                 "reward_fn."
             )
-        self.accelerator.backward(policy_loss + cfg.vf_coef * value_loss + cfg.ptx_coef * ptx_loss)
+        loss = policy_loss + cfg.vf_coef * value_loss + cfg.ptx_coef * ptx_loss
+        if self.engine == DistributedType.DEEPSPEED:  # its engine divides by its accumulation steps; ours is a share
+            loss = loss * cfg.gradient_accumulation_steps
+        self.accelerator.backward(loss)
         return {"policy_loss": policy_loss.item(), "value_loss": value_loss.item(), "ptx_loss": ptx_loss.item(),
                 "policy_clipfrac": policy_clipfrac.item(), "value_clipfrac": value_clipfrac.item(),
                 "approx_kl": approx_kl.item()}

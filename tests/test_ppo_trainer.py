@@ -134,9 +134,19 @@ def test_same_seed_same_history_and_step_log(tokenizer, tmp_path):
 
 
 def test_resumed_run_equals_uninterrupted_run(tokenizer, tmp_path):
-    interrupted = make_trainer(tokenizer, tmp_path / "run", max_steps=2, save_steps=2, adaptive_kl=True,
+    # The run stops in step 3 (after checkpoint-2): the learning rate decays linearly over all 4 steps.
+    interrupted = make_trainer(tokenizer, tmp_path / "run", max_steps=4, save_steps=2, adaptive_kl=True,
                                kl_target=0.01, kl_horizon=10)
-    interrupted.train()
+    optimize = interrupted._optimize
+
+    def crash_in_step_three(batch, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return optimize(batch, step)
+
+    interrupted._optimize = crash_in_step_three
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train()
     checkpoint = tmp_path / "run" / "checkpoint-2"
     assert sorted(p.name for p in checkpoint.iterdir()) == [
         "optimizer.pt", "policy", "rng_state_0.pth", "trainer_state.json", "value_model"]
@@ -153,6 +163,7 @@ def test_resumed_run_equals_uninterrupted_run(tokenizer, tmp_path):
     assert [h["policy_loss"] for h in resumed.history] == pytest.approx([h["policy_loss"] for h in straight.history])
     assert resumed.kl_controller.value == pytest.approx(straight.kl_controller.value)
     assert resumed.history[-1]["kl_coef"] != resumed.history[0]["kl_coef"]  # the adaptive controller moved
+    assert [h["learning_rate"] for h in resumed.history] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
     state = json.loads((tmp_path / "run" / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["step"] == 4 and len(state["history"]) == 4
 

@@ -117,7 +117,7 @@ class PPOConfig:
     learning_rate: float = 1e-5  # policy AdamW learning rate
     value_learning_rate: float | None = None  # value-model AdamW learning rate; None = learning_rate
     weight_decay: float = 0.0  # AdamW weight decay for both parameter groups
-    lr_scheduler_type: str = "constant"  # "constant", "linear" (to 0 at max_steps, as TRL's PPOTrainer) or "cosine"
+    lr_scheduler_type: str = "linear"  # "linear" (to 0 at max_steps, as TRL's PPOTrainer), "cosine" or "constant"
     warmup_steps: int = 0  # PPO steps of linear learning-rate warmup (both models)
     value_warmup_steps: int = 0  # the first PPO steps train the value model only (the policy waits for a critic)
     batch_size: int = 8  # prompts per rollout (per process)
@@ -316,6 +316,12 @@ class PPOTrainer:
         self.actor_critic, self.optimizer = self.accelerator.prepare(PolicyAndValue(self.policy, self.value_model),
                                                                      self.optimizer)
         self._policy_params, self._value_params = policy_params, value_params
+        if self.engine == DistributedType.FSDP:
+            # FSDP2 makes the first module whose forward runs the root: run the prepared module once, so a later
+            # `generate` on the inner policy cannot claim that role.
+            with torch.no_grad():
+                ids = torch.full((1, 2), self.eos_id, dtype=torch.long, device=device)
+                self.actor_critic(ids, torch.ones_like(ids), 1, 1.0)
         # Every process must take part in each generation step when weights are sharded.
         self._synced_gpus = accelerator.num_processes > 1 and self.engine in (DistributedType.FSDP,
                                                                               DistributedType.DEEPSPEED)
@@ -462,7 +468,7 @@ class PPOTrainer:
             # finished rows gives (float32, within rounding), without that forward.
             logits = torch.stack(generated.logits, dim=1).float() / cfg.temperature
             logits = nn.functional.pad(logits, (0, 0, 0, length - steps))
-            with self._full_weights():
+            with self._full_weights(), self.accelerator.autocast():
                 values = token_values(self.value_model, input_ids, attention_mask,
                                       positions_from_mask(attention_mask))[:, -length - 1:-1]
         else:

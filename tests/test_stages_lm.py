@@ -213,6 +213,20 @@ def test_two_process_ddp_equals_one_process_with_double_batch(chain, tmp_path):
     assert manifest(tmp_path / "two")["stage"] == "pretrain"
 
 
+def test_sft_on_two_processes_equals_one_process_with_double_batch(chain, tmp_path):
+    """SFT (TRL's SFTTrainer, loss on replies): 2 processes x batch 2 train the weights of 1 process x batch 4 —
+    the samplers hand both runs the same rows per step and the token mean spans both processes."""
+    common = ["--max_steps", "3", "--save_steps", "100", "--eval_demo_tasks", "0"]
+    launch("sft", *sft_args(chain, tmp_path / "one", "full", *common, "--per_device_train_batch_size", "4"))
+    launch("sft", *sft_args(chain, tmp_path / "two", "full", *common, "--per_device_train_batch_size", "2"),
+           processes=2)
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    start = load_file(chain / "pretrain" / "model.safetensors")
+    assert max((a[k] - start[k]).abs().max().item() for k in start) > 1e-4  # training moved the weights
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+
+
 def test_classify_stage_reports_accuracy(chain, tmp_path):
     out = tmp_path / "classify"
     launch("classify", "--output_dir", str(out), "--model_name_or_path", str(chain / "pretrain"),

@@ -56,28 +56,39 @@ def ours_tokens_per_second(tokenizer, dataset, args) -> tuple[float, object]:
     return (packed.report.num_tokens - packed.report.num_documents) / seconds, packed.report
 
 
-def generated_documents(count: int, seed: int, planted_every: int = 50):
+def generated_documents(count: int, seed: int, planted_every: int = 50, block: int = 1000):
     """Zipf-distributed made-up words, ~1 KB per document; every `planted_every`-th document copies an earlier one
-    with one word in 100 replaced (a near-duplicate above the 0.8 threshold). Yields (text, copied_index or None)."""
+    (among the last 1000) with one word in 100 replaced (a near-duplicate above the 0.8 threshold). Yields
+    (text, copied_index or None). Words are drawn `block` documents at a time (about 20 us a document)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     syllables = ["ka", "lo", "mi", "ne", "ru", "ta", "shi", "po", "ve", "da", "gu", "fe", "zo", "bi", "ya"]
-    words = ["".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(5000)]
-    weights = 1 / np.arange(1, len(words) + 1)
-    weights /= weights.sum()
-    recent = []
-    for index in range(count):
-        if index % planted_every == planted_every - 1 and recent:
-            source, text = recent[rng.integers(len(recent))]
-            tokens = text.split()
-            for k in rng.choice(len(tokens), size=max(1, len(tokens) // 100), replace=False):
-                tokens[k] = "qux"
-            yield " ".join(tokens), source
-            continue
-        text = " ".join(rng.choice(words, size=int(rng.integers(120, 220)), p=weights)) + "."
-        recent = (recent + [(index, text)])[-1000:]
-        yield text, None
+    words = np.array(["".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(5000)], dtype=object)
+    cumulative = np.cumsum(1 / np.arange(1, len(words) + 1))
+    cumulative /= cumulative[-1]
+    recent, index = [], 0
+    while index < count:
+        lengths = rng.integers(120, 220, size=block).tolist()
+        drawn = words[np.searchsorted(cumulative, rng.random(sum(lengths)), side="right")].tolist()
+        position = 0
+        for length in lengths:
+            if index >= count:
+                return
+            if index % planted_every == planted_every - 1 and recent:
+                source, text = recent[rng.integers(len(recent))]
+                tokens = text.split()
+                for k in rng.choice(len(tokens), size=max(1, len(tokens) // 100), replace=False):
+                    tokens[k] = "qux"
+                yield " ".join(tokens), source
+            else:
+                text = " ".join(drawn[position:position + length]) + "."
+                recent.append((index, text))
+                if len(recent) > 1000:
+                    del recent[:500]
+                yield text, None
+            position += length
+            index += 1
 
 
 def prepare_benchmark(args) -> dict:

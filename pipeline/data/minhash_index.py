@@ -16,10 +16,14 @@ Band count and rows per band come from datasketch's `MinHashLSH` for the thresho
 
 from __future__ import annotations
 
+import bisect
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import numpy.lib.format as npy_format
 from datasketch import MinHash, MinHashLSH
 from datasketch.minhash import _fmix
 
@@ -46,6 +50,7 @@ class Signer:
         self.settings = settings
         self.a, self.b = MinHash(num_perm=settings.num_perm, seed=settings.seed).permutations  # datasketch's own
         self.num_bands, self.rows = settings.bands()
+        self._a_column, self._b_column = self.a[:, None].astype(np.uint32), self.b[:, None].astype(np.uint32)
         rng = np.random.default_rng(settings.seed)
         self._gram_mix = rng.integers(1, 2**63, size=settings.ngram, dtype=np.uint64) | np.uint64(1)
         self._band_mix = rng.integers(1, 2**63, size=self.rows, dtype=np.uint64) | np.uint64(1)
@@ -86,8 +91,11 @@ class Signer:
             last = max(doc + 1, int(np.searchsorted(bounds, bounds[doc] + _MAX_SHINGLES, side="right")) - 1)
             last = min(last, len(first))
             lo, hi = bounds[doc], bounds[last]
-            permuted = _fmix(hashes[lo:hi], 32)[:, None] * self.a + self.b  # uint32: wraparound is the modulo
-            out[doc:last] = np.minimum.reduceat(permuted, bounds[doc:last] - lo, axis=0)
+            # (num_perm, shingles): each permutation's values contiguous, so the per-document minimum runs along
+            # memory (8x faster than the transposed layout); uint32 wraparound is the modulo
+            permuted = self._a_column * _fmix(hashes[lo:hi], 32)[None, :]
+            permuted += self._b_column
+            out[doc:last] = np.minimum.reduceat(permuted, bounds[doc:last] - lo, axis=1).T
             doc = last
         return out
 
@@ -95,6 +103,38 @@ class Signer:
         """(documents, bands) uint64: each band's rows folded into one key (equal bands give equal keys)."""
         used = signatures[:, : self.num_bands * self.rows].astype(np.uint64)
         return (used.reshape(len(signatures), self.num_bands, self.rows) * self._band_mix).sum(axis=2)
+
+
+class RowReader:
+    """Rows of 2-D `.npy` files taken as one array (rows numbered across the files in order), each read with one
+    `pread`: no file is mapped, so the rows read do not stay in this process's memory."""
+
+    def __init__(self, paths: Sequence[Path]):
+        self.files, self.starts, self.offsets = [], [0], []
+        self.dtype = self.row_bytes = None
+        for path in paths:
+            f = open(path, "rb")
+            self.files.append(f)
+            version = npy_format.read_magic(f)
+            read_header = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            if fortran or len(shape) != 2:
+                raise ValueError(f"{path}: expected a C-ordered 2-D array, got shape {shape}")
+            self.dtype, self.row_bytes = dtype, dtype.itemsize * shape[1]
+            self.offsets.append(f.tell())
+            self.starts.append(self.starts[-1] + shape[0])
+
+    def __call__(self, i: int) -> np.ndarray:
+        k = bisect.bisect_right(self.starts, i) - 1
+        data = os.pread(self.files[k].fileno(), self.row_bytes, self.offsets[k] + (i - self.starts[k]) * self.row_bytes)
+        return np.frombuffer(data, dtype=self.dtype)
+
+    def __enter__(self) -> "RowReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for f in self.files:
+            f.close()
 
 
 def find_duplicates(num_docs: int, exact_keys: np.ndarray, band_column: Callable[[int], np.ndarray],
@@ -129,7 +169,11 @@ def find_duplicates(num_docs: int, exact_keys: np.ndarray, band_column: Callable
                     if np.mean(signature_of(earlier) == sig) >= threshold:
                         join(earlier, d)
                         break
-    return np.array([root(i) for i in range(num_docs)], dtype=np.int64), exact
+    while True:  # every parent points to an earlier document or itself: jump until all point to their root
+        grand = parent[parent]
+        if np.array_equal(grand, parent):
+            return parent, exact
+        parent = grand
 
 
 def _equal_groups(keys: np.ndarray) -> Sequence[np.ndarray]:

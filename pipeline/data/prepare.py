@@ -4,9 +4,12 @@
 and folders, Hub datasets with `streaming=True`, `demo:` sets) and works in three passes, so memory holds one batch,
 one chunk and one shard, never the corpus:
 
-1. read → clean (`cleaning.normalize_text` + `default_filters`) → tokenise in batches → MinHash signatures of the
-   token n-grams (`minhash_index`); written to disk in chunks of about 4M tokens (`work/chunk-NNNNN`).
-2. exact and near duplicates found from the chunks' band keys; the eval split drawn among the survivors (seeded).
+1. read → clean (`cleaning.normalize_text` + `default_filters`) → tokenise in batches → MinHash band keys of the
+   token n-grams (`minhash_index`); written to disk in chunks of about 4M tokens (`work/chunk-NNNNN`). Batches are
+   processed in order by one worker process per core (forked once the first `PARALLEL_AFTER_TOKENS` tokens are done
+   in-process), so the output does not depend on the number of workers.
+2. exact and near duplicates found from the chunks' band keys, candidates confirmed by the exact Jaccard similarity
+   of their token n-grams (read back from the chunks); the eval split drawn among the survivors (seeded).
 3. the surviving documents, each followed by EOS, concatenated in order and cut into blocks of `block_size`
    (the final remainder dropped and counted, as `packing.tokenize_and_pack` does), written as shards (`shards`).
 
@@ -33,10 +36,11 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
+import numpy.lib.format as npy_format
 
 from pipeline.artifacts import tokenizer_hash
 from pipeline.data.cleaning import default_filters, dedup_key_text, normalize_text
-from pipeline.data.minhash_index import NearDupSettings, RowReader, Signer, find_duplicates
+from pipeline.data.minhash_index import NearDupSettings, Signer, find_duplicates
 from pipeline.data.mixing import MIXTURE_KEYS, SOURCE_KEYS
 from pipeline.data.shards import (
     MANIFEST_NAME, ShardError, ShardInfo, check_shard, open_split, read_prepared_manifest, shard_path,
@@ -47,7 +51,7 @@ from pipeline.data.validation import ValidationReport, iter_rows
 from pipeline.errors import ConfigError, DataError
 
 VERSION = 2  # bump when the prepared layout or any pass changes its output
-CHUNK_TOKENS = 1 << 22  # pass-1 chunk: about 16 MB of token ids, plus signatures
+CHUNK_TOKENS = 1 << 22  # pass-1 chunk: about 16 MB of token ids, plus dedup keys
 SHARD_TOKENS = 1 << 22  # default shard: about 16 MB of blocks
 BATCH_ROWS = 512  # rows tokenised per call
 PARALLEL_AFTER_TOKENS = 1 << 20  # pass 1 starts its worker processes once this many tokens are done in-process
@@ -237,13 +241,11 @@ class _Batch:
     tokens: np.ndarray
     lengths: np.ndarray  # per document, EOS included
     exact: np.ndarray | None = None
-    signatures: np.ndarray | None = None
-    bands: np.ndarray | None = None
+    bands: np.ndarray | None = None  # (documents, bands) LSH band keys
 
 
 class _BatchWork:
-    """Pass 1's work on one batch of texts: normalise and filter, tokenise, exact key, MinHash signature and band
-    keys. The same in this process and in pass 1's worker processes, so the output does not depend on which."""
+    """Pass 1's work on one batch of texts: normalise and filter, tokenise, exact key, MinHash band keys. The same in this process and in pass 1's worker processes, so the output does not depend on which."""
 
     def __init__(self, run: _TokenizerRun, clean: bool, dedup: bool):
         self.run = run
@@ -265,9 +267,9 @@ class _BatchWork:
         batch = _Batch(len(texts), cleaning, np.insert(tokens, starts[1:], self.run.eos), np.diff(starts) + 1)
         if self.signer is not None:
             batch.exact = _exact_keys(kept)
-            batch.signatures = self.signer.signatures(tokens, starts) if kept else np.zeros((0, NEAR_DUP.num_perm),
-                                                                                          np.uint32)
-            batch.bands = self.signer.band_keys(batch.signatures)
+            signatures = self.signer.signatures(tokens, starts) if kept else np.zeros((0, NEAR_DUP.num_perm),
+                                                                                     np.uint32)
+            batch.bands = self.signer.band_keys(signatures)
         return batch
 
 
@@ -308,7 +310,6 @@ class _Chunk:
         np.save(tmp / "lengths.npy", joined("lengths", np.zeros(0, np.int64)))
         if dedup:
             np.save(tmp / "exact.npy", joined("exact", np.zeros(0, np.uint64)))
-            np.save(tmp / "signatures.npy", joined("signatures", np.zeros((0, NEAR_DUP.num_perm), np.uint32)))
             bands = joined("bands", np.zeros((0, Signer(NEAR_DUP).num_bands), np.uint64))
             np.save(tmp / "bands.npy", np.ascontiguousarray(bands.T))  # (bands, documents): a band reads at once
         (tmp / "meta.json").write_text(json.dumps(meta))
@@ -435,6 +436,44 @@ def _load(chunk: Path, name: str) -> np.ndarray:
     return np.load(chunk / f"{name}.npy", mmap_mode="r")
 
 
+class _ChunkDocuments:
+    """Document i's tokens (no EOS) across the chunks, each read with one `pread`: no chunk is mapped, so what is
+    read does not stay in this process's memory. Holds 8 bytes per document (its offset in its chunk)."""
+
+    def __init__(self, chunks: list[Path]):
+        self.files, self.data_offsets, self.ends = [], [], []
+        first, firsts = 0, []
+        for chunk in chunks:
+            lengths = np.asarray(_load(chunk, "lengths"))
+            self.ends.append(np.cumsum(lengths))
+            firsts.append(first)
+            first += len(lengths)
+            f = open(chunk / "tokens.npy", "rb")
+            version = npy_format.read_magic(f)
+            _, _, dtype = (npy_format.read_array_header_1_0 if version == (1, 0)
+                           else npy_format.read_array_header_2_0)(f)
+            if dtype != np.uint32:
+                raise DataError(f"{chunk / 'tokens.npy'}: {dtype} tokens, uint32 expected; delete {chunk} and rerun")
+            self.files.append(f)
+            self.data_offsets.append(f.tell())
+        self.firsts = np.array(firsts, dtype=np.int64)
+
+    def __call__(self, i: int) -> np.ndarray:
+        k = int(np.searchsorted(self.firsts, i, side="right")) - 1
+        ends, j = self.ends[k], i - int(self.firsts[k])
+        start = int(ends[j - 1]) if j else 0
+        count = int(ends[j]) - start - 1  # without the EOS
+        data = os.pread(self.files[k].fileno(), 4 * count, self.data_offsets[k] + 4 * start)
+        return np.frombuffer(data, dtype=np.uint32)
+
+    def __enter__(self) -> "_ChunkDocuments":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for f in self.files:
+            f.close()
+
+
 def _band_row(chunk: Path, band: int) -> np.ndarray:
     """One band's keys of a chunk, copied out so the file's mapping (and its pages in this process) goes at once."""
     return np.array(_load(chunk, "bands")[band])
@@ -448,11 +487,11 @@ def _statuses(spec: Mapping, chunks: list[Path], where: str) -> tuple[np.ndarray
     dedup = {"documents": total, "exact": 0, "near": 0}
     if spec.get("dedup", True) and total:
         signer = Signer(NEAR_DUP)
-        with RowReader([c / "signatures.npy" for c in chunks]) as signature_of:
+        with _ChunkDocuments(chunks) as document:
             parent, exact = find_duplicates(
                 total, np.concatenate([np.array(_load(c, "exact")) for c in chunks]),
                 lambda band: np.concatenate([_band_row(c, band) for c in chunks]),
-                signer.num_bands, signature_of, NEAR_DUP.threshold)
+                signer.num_bands, lambda i: signer.shingle_set(document(i)), NEAR_DUP.threshold)
         duplicate = parent != np.arange(total)
         status[duplicate & ~exact] = NEAR
         status[exact] = EXACT

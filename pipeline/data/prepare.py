@@ -236,8 +236,7 @@ def tokenize_texts(run: _TokenizerRun, texts: list[str]) -> tuple[np.ndarray, np
 class _Batch:
     """What pass 1 keeps of one batch of rows: token ids with EOS after each surviving document, and dedup keys."""
 
-    rows: int  # rows read, including those cleaning dropped
-    cleaning: Counter
+    cleaning: Counter  # rows read and dropped by cleaning, per reason
     tokens: np.ndarray
     lengths: np.ndarray  # per document, EOS included
     exact: np.ndarray | None = None
@@ -245,7 +244,8 @@ class _Batch:
 
 
 class _BatchWork:
-    """Pass 1's work on one batch of texts: normalise and filter, tokenise, exact key, MinHash band keys. The same in this process and in pass 1's worker processes, so the output does not depend on which."""
+    """Pass 1's work on one batch of texts: normalise and filter, tokenise, exact key, MinHash band keys. The same
+    in this process and in pass 1's worker processes, so the output does not depend on which."""
 
     def __init__(self, run: _TokenizerRun, clean: bool, dedup: bool):
         self.run = run
@@ -264,7 +264,7 @@ class _BatchWork:
                 else:
                     kept.append(text)
         tokens, starts = tokenize_texts(self.run, kept) if kept else (np.zeros(0, np.uint32), np.zeros(1, np.int64))
-        batch = _Batch(len(texts), cleaning, np.insert(tokens, starts[1:], self.run.eos), np.diff(starts) + 1)
+        batch = _Batch(cleaning, np.insert(tokens, starts[1:], self.run.eos), np.diff(starts) + 1)
         if self.signer is not None:
             batch.exact = _exact_keys(kept)
             signatures = self.signer.signatures(tokens, starts) if kept else np.zeros((0, NEAR_DUP.num_perm),
@@ -278,7 +278,6 @@ _WORKER_STATE: _BatchWork | None = None  # set in each pass-1 worker process
 
 def _start_worker(work: _BatchWork) -> None:
     global _WORKER_STATE
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the workers fill the cores
     _WORKER_STATE = work
 
 
@@ -362,10 +361,16 @@ class _BatchRunner:
         import multiprocessing
 
         gc.freeze()  # the workers share this process's objects copy-on-write; collections would copy them
+        configured = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # inherited: one thread a worker, no warning about the fork
         try:
             self.pool = multiprocessing.get_context("fork").Pool(self.workers, _start_worker, (self.work,))
         finally:
             gc.unfreeze()
+            if configured is None:
+                del os.environ["TOKENIZERS_PARALLELISM"]
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = configured
 
     def close(self) -> None:
         if self.pool is not None:

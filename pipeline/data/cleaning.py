@@ -9,6 +9,7 @@ silently.
 
 from __future__ import annotations
 
+import operator
 import re
 import unicodedata
 from collections import Counter
@@ -47,8 +48,11 @@ def normalize_text(s: str) -> str:
     s = unicodedata.normalize("NFC", s)
     s = s.replace("\r\n", "\n").replace("\r", "\n")
     s = s.translate(_DELETE_TABLE)
-    s = _TRAILING_SPACE.sub("", s)
-    return _MANY_BLANK_LINES.sub("\n\n\n", s)
+    if " \n" in s or "\t\n" in s or s.endswith((" ", "\t")):  # the substitutions' only matches (fast path)
+        s = _TRAILING_SPACE.sub("", s)
+    if "\n\n\n\n" in s:
+        s = _MANY_BLANK_LINES.sub("\n\n\n", s)
+    return s
 
 
 def dedup_key_text(s: str) -> str:
@@ -84,6 +88,8 @@ def is_unspaced(text: str, min_fraction: float = 0.3) -> bool:
     "word"), so callers switch to character n-grams. The fraction is low enough that
     Chinese text with embedded English terms still counts as Chinese.
     """
+    if min_fraction > 0 and _UNSPACED_CHAR.search(text) is None:  # most text: no such character at all
+        return False
     word_chars = len(_WORD_CHAR.findall(text))
     if word_chars == 0:
         return False
@@ -187,13 +193,24 @@ class RepetitionFilter:
         return None
 
     def _top_ngrams(self, units: list[str]) -> str | None:
-        total_chars = sum(len(u) for u in units)
+        total_chars = sum(map(len, units))
+        # Upper bounds settle most texts without counting every n-gram. The units an n-gram's occurrences cover
+        # are occurrences of at most n distinct units, so they hold at most the n largest count * length products
+        # over the units; and an n-gram occurs at most as often as the top (n-1)-gram and spans at most n times
+        # the longest unit. The exact count below runs only when both bounds pass the threshold.
+        counts = Counter(units)
+        weights = sorted(map(operator.mul, counts.values(), map(len, counts)), reverse=True)
+        longest = max(map(len, counts))
+        top_count = max(counts.values())  # of the last n counted: n-grams occur no more often
         for n, threshold in sorted(self.top_ngram_max_frac.items()):
-            if len(units) < n:
+            if len(units) < n or top_count < 2:
+                continue
+            if min(sum(weights[:n]), top_count * n * longest) / total_chars <= threshold:
                 continue
             grams = list(zip(*(units[i:] for i in range(n))))
             top, count = Counter(grams).most_common(1)[0]
-            if count < 2:
+            top_count = count
+            if count < 2 or count * sum(map(len, top)) / total_chars <= threshold:
                 continue
             covered = [False] * len(units)
             for start, gram in enumerate(grams):

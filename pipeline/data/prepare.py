@@ -4,9 +4,12 @@
 and folders, Hub datasets with `streaming=True`, `demo:` sets) and works in three passes, so memory holds one batch,
 one chunk and one shard, never the corpus:
 
-1. read → clean (`cleaning.normalize_text` + `default_filters`) → tokenise in batches → MinHash signatures of the
-   token n-grams (`minhash_index`); written to disk in chunks of about 4M tokens (`work/chunk-NNNNN`).
-2. exact and near duplicates found from the chunks' band keys; the eval split drawn among the survivors (seeded).
+1. read → clean (`cleaning.normalize_text` + `default_filters`) → tokenise in batches → MinHash band keys of the
+   token n-grams (`minhash_index`); written to disk in chunks of about 4M tokens (`work/chunk-NNNNN`). Batches are
+   processed in order by one worker process per core (forked once the first `PARALLEL_AFTER_TOKENS` tokens are done
+   in-process), so the output does not depend on the number of workers.
+2. exact and near duplicates found from the chunks' band keys, candidates confirmed by the exact Jaccard similarity
+   of their token n-grams (read back from the chunks); the eval split drawn among the survivors (seeded).
 3. the surviving documents, each followed by EOS, concatenated in order and cut into blocks of `block_size`
    (the final remainder dropped and counted, as `packing.tokenize_and_pack` does), written as shards (`shards`).
 
@@ -21,17 +24,19 @@ are not shuffled: the trainer samples blocks at random, and sources follow each 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import random
 import shutil
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
+import numpy.lib.format as npy_format
 
 from pipeline.artifacts import tokenizer_hash
 from pipeline.data.cleaning import default_filters, dedup_key_text, normalize_text
@@ -45,10 +50,11 @@ from pipeline.data.sources import SUFFIXES
 from pipeline.data.validation import ValidationReport, iter_rows
 from pipeline.errors import ConfigError, DataError
 
-VERSION = 1  # bump when the prepared layout or any pass changes its output
-CHUNK_TOKENS = 1 << 22  # pass-1 chunk: about 16 MB of token ids, plus signatures
+VERSION = 2  # bump when the prepared layout or any pass changes its output
+CHUNK_TOKENS = 1 << 22  # pass-1 chunk: about 16 MB of token ids, plus dedup keys
 SHARD_TOKENS = 1 << 22  # default shard: about 16 MB of blocks
 BATCH_ROWS = 512  # rows tokenised per call
+PARALLEL_AFTER_TOKENS = 1 << 20  # pass 1 starts its worker processes once this many tokens are done in-process
 TRAIN, EVAL, EXACT, NEAR = 0, 1, 2, 3  # document status after pass 2
 EXIT_HOOK = "PIPELINE_PREPARE_EXIT_AFTER"  # "chunks:N" or "shards:N": exit abruptly after N written (tests)
 NEAR_DUP = NearDupSettings()
@@ -211,8 +217,9 @@ class _TokenizerRun:
         self.tokenizer = tokenizer
 
     def __call__(self, texts: list[str]) -> list[list[int]]:
-        if self.backend is not None:
-            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        if self.backend is not None:  # `encode_batch_fast`: the same ids, without character offsets
+            encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+            return [e.ids for e in encode(texts, add_special_tokens=False)]
         return self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
 
@@ -220,38 +227,90 @@ def tokenize_texts(run: _TokenizerRun, texts: list[str]) -> tuple[np.ndarray, np
     """(tokens, starts): the documents' ids concatenated (no EOS) and their start offsets plus the end."""
     ids = run(texts)
     starts = np.zeros(len(ids) + 1, dtype=np.int64)
-    np.cumsum([len(doc) for doc in ids], out=starts[1:])
-    tokens = np.fromiter((t for doc in ids for t in doc), dtype=np.uint32, count=int(starts[-1]))
+    np.cumsum(list(map(len, ids)), out=starts[1:])
+    tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(starts[-1]))
     return tokens, starts
 
 
+@dataclass
+class _Batch:
+    """What pass 1 keeps of one batch of rows: token ids with EOS after each surviving document, and dedup keys."""
+
+    cleaning: Counter  # rows read and dropped by cleaning, per reason
+    tokens: np.ndarray
+    lengths: np.ndarray  # per document, EOS included
+    exact: np.ndarray | None = None
+    bands: np.ndarray | None = None  # (documents, bands) LSH band keys
+
+
+class _BatchWork:
+    """Pass 1's work on one batch of texts: normalise and filter, tokenise, exact key, MinHash band keys. The same
+    in this process and in pass 1's worker processes, so the output does not depend on which."""
+
+    def __init__(self, run: _TokenizerRun, clean: bool, dedup: bool):
+        self.run = run
+        self.filters = default_filters() if clean else None
+        self.signer = Signer(NEAR_DUP) if dedup else None
+
+    def __call__(self, texts: list[str]) -> _Batch:
+        cleaning, kept = Counter(), texts
+        if self.filters is not None:
+            cleaning["total"], kept = len(texts), []
+            for text in texts:
+                text = normalize_text(text)
+                reason = "empty" if not text.strip() else next((r for f in self.filters if (r := f(text))), None)
+                if reason:
+                    cleaning[f"dropped:{reason}"] += 1
+                else:
+                    kept.append(text)
+        tokens, starts = tokenize_texts(self.run, kept) if kept else (np.zeros(0, np.uint32), np.zeros(1, np.int64))
+        batch = _Batch(cleaning, np.insert(tokens, starts[1:], self.run.eos), np.diff(starts) + 1)
+        if self.signer is not None:
+            batch.exact = _exact_keys(kept)
+            signatures = self.signer.signatures(tokens, starts) if kept else np.zeros((0, NEAR_DUP.num_perm),
+                                                                                     np.uint32)
+            batch.bands = self.signer.band_keys(signatures)
+        return batch
+
+
+_WORKER_STATE: _BatchWork | None = None  # set in each pass-1 worker process
+
+
+def _start_worker(work: _BatchWork) -> None:
+    global _WORKER_STATE
+    _WORKER_STATE = work
+
+
+def _work_in_worker(texts: list[str]) -> _Batch:
+    return _WORKER_STATE(texts)
+
+
 class _Chunk:
-    """One pass-1 chunk being filled: token ids with EOS after each document, and dedup keys."""
+    """One pass-1 chunk being filled from batches."""
 
     def __init__(self):
-        self.tokens, self.lengths, self.exact, self.signatures = [], [], [], []
+        self.batches: list[_Batch] = []
         self.num_tokens = 0
 
-    def add(self, tokens: np.ndarray, starts: np.ndarray, eos: int, exact: np.ndarray | None,
-            signatures: np.ndarray | None) -> None:
-        self.tokens.append(np.insert(tokens, starts[1:], eos))  # EOS after every document
-        self.lengths.append(np.diff(starts) + 1)
-        self.num_tokens += len(tokens) + len(starts) - 1
-        if exact is not None:
-            self.exact.append(exact)
-            self.signatures.append(signatures)
+    def add(self, batch: _Batch) -> None:
+        self.batches.append(batch)
+        self.num_tokens += len(batch.tokens)
 
-    def save(self, folder: Path, meta: dict, signer: Signer | None) -> None:
+    def save(self, folder: Path, meta: dict, dedup: bool) -> None:
         tmp = folder.with_name(folder.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        np.save(tmp / "tokens.npy", np.concatenate(self.tokens) if self.tokens else np.zeros(0, np.uint32))
-        np.save(tmp / "lengths.npy", np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int64))
-        if signer is not None:
-            signatures = np.concatenate(self.signatures) if self.signatures else np.zeros((0, 1), np.uint32)
-            np.save(tmp / "exact.npy", np.concatenate(self.exact) if self.exact else np.zeros(0, np.uint64))
-            np.save(tmp / "signatures.npy", signatures)
-            np.save(tmp / "bands.npy", signer.band_keys(signatures))
+
+        def joined(name: str, empty: np.ndarray) -> np.ndarray:
+            parts = [getattr(b, name) for b in self.batches if len(getattr(b, name))]
+            return np.concatenate(parts) if parts else empty
+
+        np.save(tmp / "tokens.npy", joined("tokens", np.zeros(0, np.uint32)))
+        np.save(tmp / "lengths.npy", joined("lengths", np.zeros(0, np.int64)))
+        if dedup:
+            np.save(tmp / "exact.npy", joined("exact", np.zeros(0, np.uint64)))
+            bands = joined("bands", np.zeros((0, Signer(NEAR_DUP).num_bands), np.uint64))
+            np.save(tmp / "bands.npy", np.ascontiguousarray(bands.T))  # (bands, documents): a band reads at once
         (tmp / "meta.json").write_text(json.dumps(meta))
         os.replace(tmp, folder)
 
@@ -267,7 +326,59 @@ def _exit_hook(kind: str, done: int) -> None:
         os._exit(75)  # an abrupt stop, as a kill would be: nothing cleans up
 
 
-def _chunk_pass(spec: Mapping, tokenizer, work: Path, where: str) -> dict:
+def default_workers() -> int:
+    """Pass-1 worker processes: one per core this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class _BatchRunner:
+    """Runs `_BatchWork` over batches in order: in this process for the first `PARALLEL_AFTER_TOKENS` tokens (a small
+    corpus never starts processes), then in `workers` forked processes, a few batches ahead of the writer."""
+
+    def __init__(self, work: _BatchWork, workers: int):
+        self.work, self.workers = work, workers
+        self.pool, self.pending = None, deque()
+
+    def submit(self, texts: list[str], end: int) -> Iterator[tuple[_Batch, int]]:
+        """Queue a batch (`end`: rows consumed through it); yields the batches that are done, in order."""
+        if self.pool is None:
+            yield self.work(texts), end
+            return
+        self.pending.append((self.pool.apply_async(_work_in_worker, (texts,)), end))
+        while len(self.pending) > 2 * self.workers:
+            result, done = self.pending.popleft()
+            yield result.get(), done
+
+    def drain(self) -> Iterator[tuple[_Batch, int]]:
+        while self.pending:
+            result, done = self.pending.popleft()
+            yield result.get(), done
+
+    def go_parallel(self) -> None:
+        if self.pool is not None or self.workers < 2:
+            return
+        import gc
+        import multiprocessing
+
+        gc.freeze()  # the workers share this process's objects copy-on-write; collections would copy them
+        configured = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # inherited: one thread a worker, no warning about the fork
+        try:
+            self.pool = multiprocessing.get_context("fork").Pool(self.workers, _start_worker, (self.work,))
+        finally:
+            gc.unfreeze()
+            if configured is None:
+                del os.environ["TOKENIZERS_PARALLELISM"]
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = configured
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+def _chunk_pass(spec: Mapping, tokenizer, work: Path, where: str, workers: int) -> dict:
     """Pass 1, resuming after the last finished chunk. Returns the validation, sampling and cleaning counts."""
     work.mkdir(parents=True, exist_ok=True)
     done = sorted(p for p in work.glob("chunk-*") if not p.name.endswith(".partial"))
@@ -278,48 +389,42 @@ def _chunk_pass(spec: Mapping, tokenizer, work: Path, where: str) -> dict:
         print(f"resuming preparation: {len(done)} finished chunk(s) kept ({skip} rows)")
     reports: dict[str, ValidationReport] = {}
     sampled: Counter = Counter()
-    run = _TokenizerRun(tokenizer)
-    signer = Signer(NEAR_DUP) if spec.get("dedup", True) else None
-    filters = default_filters() if spec.get("clean", True) else None
-    chunk, consumed, written, batch = _Chunk(), 0, len(done), []
+    dedup = bool(spec.get("dedup", True))
+    runner = _BatchRunner(_BatchWork(_TokenizerRun(tokenizer), bool(spec.get("clean", True)), dedup), workers)
+    chunk, consumed, written, texts, tokens_done = _Chunk(), 0, len(done), [], 0
 
-    def flush_batch() -> None:
-        texts = [t for t in batch if t is not None]
-        batch.clear()
-        if not texts:
-            return
-        tokens, starts = tokenize_texts(run, texts)
-        exact = _exact_keys(texts) if signer else None
-        signatures = signer.signatures(tokens, starts) if signer else None
-        chunk.add(tokens, starts, run.eos, exact, signatures)
-
-    def flush_chunk() -> None:
-        nonlocal chunk, written
-        meta = {"rows_consumed": consumed, "cleaning": dict(cleaning)}
-        chunk.save(work / f"chunk-{written:05d}", meta, signer)
-        written += 1
-        chunk = _Chunk()
-        _exit_hook("chunks", written - len(done))
-
-    for text in _stream_rows(spec, reports, sampled, where):
-        consumed += 1
-        if consumed <= skip:
-            continue
-        if filters is not None:
-            cleaning["total"] += 1
-            text = normalize_text(text)
-            reason = "empty" if not text.strip() else next((r for f in filters if (r := f(text))), None)
-            if reason:
-                cleaning[f"dropped:{reason}"] += 1
-                text = None
-        batch.append(text)
-        if len(batch) >= BATCH_ROWS:
-            flush_batch()
+    def take(finished: Iterator[tuple[_Batch, int]]) -> None:
+        nonlocal chunk, written, tokens_done
+        for batch, end in finished:
+            cleaning.update(batch.cleaning)
+            chunk.add(batch)
+            tokens_done += len(batch.tokens)
+            if tokens_done >= PARALLEL_AFTER_TOKENS:
+                runner.go_parallel()
             if chunk.num_tokens >= CHUNK_TOKENS:
-                flush_chunk()
-    flush_batch()
-    if chunk.lengths or not written:
-        flush_chunk()
+                chunk.save(work / f"chunk-{written:05d}", {"rows_consumed": end, "cleaning": dict(cleaning)}, dedup)
+                written += 1
+                chunk = _Chunk()
+                _exit_hook("chunks", written - len(done))
+
+    try:
+        for text in _stream_rows(spec, reports, sampled, where):
+            consumed += 1
+            if consumed <= skip:
+                continue
+            texts.append(text)
+            if len(texts) >= BATCH_ROWS:
+                take(runner.submit(texts, consumed))
+                texts = []
+        if texts:
+            take(runner.submit(texts, consumed))
+        take(runner.drain())
+    finally:
+        runner.close()
+    if chunk.batches or not written:
+        chunk.save(work / f"chunk-{written:05d}", {"rows_consumed": consumed, "cleaning": dict(cleaning)}, dedup)
+        written += 1
+        _exit_hook("chunks", written - len(done))
     validation = {path: {"records": r.records, "kept": r.kept, "dropped": dict(r.dropped)}
                   for path, r in reports.items()}
     return {"validation": validation, "sampled": dict(sampled), "cleaning": dict(cleaning)}
@@ -336,6 +441,49 @@ def _load(chunk: Path, name: str) -> np.ndarray:
     return np.load(chunk / f"{name}.npy", mmap_mode="r")
 
 
+class _ChunkDocuments:
+    """Document i's tokens (no EOS) across the chunks, each read with one `pread`: no chunk is mapped, so what is
+    read does not stay in this process's memory. Holds 8 bytes per document (its offset in its chunk)."""
+
+    def __init__(self, chunks: list[Path]):
+        self.files, self.data_offsets, self.ends = [], [], []
+        first, firsts = 0, []
+        for chunk in chunks:
+            lengths = np.asarray(_load(chunk, "lengths"))
+            self.ends.append(np.cumsum(lengths))
+            firsts.append(first)
+            first += len(lengths)
+            f = open(chunk / "tokens.npy", "rb")
+            version = npy_format.read_magic(f)
+            _, _, dtype = (npy_format.read_array_header_1_0 if version == (1, 0)
+                           else npy_format.read_array_header_2_0)(f)
+            if dtype != np.uint32:
+                raise DataError(f"{chunk / 'tokens.npy'}: {dtype} tokens, uint32 expected; delete {chunk} and rerun")
+            self.files.append(f)
+            self.data_offsets.append(f.tell())
+        self.firsts = np.array(firsts, dtype=np.int64)
+
+    def __call__(self, i: int) -> np.ndarray:
+        k = int(np.searchsorted(self.firsts, i, side="right")) - 1
+        ends, j = self.ends[k], i - int(self.firsts[k])
+        start = int(ends[j - 1]) if j else 0
+        count = int(ends[j]) - start - 1  # without the EOS
+        data = os.pread(self.files[k].fileno(), 4 * count, self.data_offsets[k] + 4 * start)
+        return np.frombuffer(data, dtype=np.uint32)
+
+    def __enter__(self) -> "_ChunkDocuments":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for f in self.files:
+            f.close()
+
+
+def _band_row(chunk: Path, band: int) -> np.ndarray:
+    """One band's keys of a chunk, copied out so the file's mapping (and its pages in this process) goes at once."""
+    return np.array(_load(chunk, "bands")[band])
+
+
 def _statuses(spec: Mapping, chunks: list[Path], where: str) -> tuple[np.ndarray, dict]:
     sizes = [len(_load(c, "lengths")) for c in chunks]
     offsets = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
@@ -344,16 +492,11 @@ def _statuses(spec: Mapping, chunks: list[Path], where: str) -> tuple[np.ndarray
     dedup = {"documents": total, "exact": 0, "near": 0}
     if spec.get("dedup", True) and total:
         signer = Signer(NEAR_DUP)
-        signatures = [_load(c, "signatures") for c in chunks]
-
-        def signature_of(i: int) -> np.ndarray:
-            k = int(np.searchsorted(offsets, i, side="right")) - 1
-            return signatures[k][i - offsets[k]]
-
-        parent, exact = find_duplicates(
-            total, np.concatenate([_load(c, "exact") for c in chunks]),
-            lambda band: np.concatenate([_load(c, "bands")[:, band] for c in chunks]),
-            signer.num_bands, signature_of, NEAR_DUP.threshold)
+        with _ChunkDocuments(chunks) as document:
+            parent, exact = find_duplicates(
+                total, np.concatenate([np.array(_load(c, "exact")) for c in chunks]),
+                lambda band: np.concatenate([_band_row(c, band) for c in chunks]),
+                signer.num_bands, lambda i: signer.shingle_set(document(i)), NEAR_DUP.threshold)
         duplicate = parent != np.arange(total)
         status[duplicate & ~exact] = NEAR
         status[exact] = EXACT
@@ -447,7 +590,7 @@ def _pack_pass(folder: Path, chunks: list[Path], status: np.ndarray, block_size:
 
 
 def prepare(spec: Mapping, tokenizer, *, block_size: int, root: str | os.PathLike, shard_blocks: int | None = None,
-            where: str = "dataset", tokenizer_path: str | None = None) -> Prepared:
+            where: str = "dataset", tokenizer_path: str | None = None, workers: int | None = None) -> Prepared:
     """Prepare (or reuse) the shards for this spec, tokenizer and block size; see the module docstring."""
     if block_size < 1:
         raise ConfigError(f"block_size must be >= 1, got {block_size}")
@@ -464,7 +607,7 @@ def prepare(spec: Mapping, tokenizer, *, block_size: int, root: str | os.PathLik
     started = time.monotonic()
     (folder / "FAILED").unlink(missing_ok=True)
     work = folder / "work"
-    counts = _chunk_pass(spec, tokenizer, work, where)
+    counts = _chunk_pass(spec, tokenizer, work, where, default_workers() if workers is None else workers)
     chunks = _chunks(work)
     status, dedup = _statuses(spec, chunks, where)
     splits = _pack_pass(folder, chunks, status, block_size, shard_blocks, fingerprint)

@@ -48,7 +48,7 @@ TINY.update({
     "accelerate launch recipes/grpo.py": "--dataset_path demo:prompts?n=40 --max_steps 2 --num_generations 4 "
                                          f"--eval_demo_tasks 4 {CHAIN_TINY}",
     "pipeline merge": "", "pipeline export": "", "pipeline push": "", "pipeline env": "",
-    "python benchmarks/ppo_speed.py": "--steps 1 --batch_size 4 --mini_batch_size 2",
+    "python benchmarks/ppo_speed.py": "--steps 1 --batch_size 4 --mini_batch_size 2 --held_out 8 --exact_match 4",
     "python benchmarks/sft_families.py": "--rows 30 --steps 1 --batch_size 4 --hidden 32 --layers 1",
     "python benchmarks/gpu_check.py": "--dry_run",  # the plan only: the stages need GPUs (tests/test_gpu_check.py)
     "python benchmarks/sft_packing.py": "--data demo:sft?n=60 --max_length 64 --batch_size 2 --hidden 32 --layers 1 "

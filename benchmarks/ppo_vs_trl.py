@@ -1,0 +1,196 @@
+"""Our PPOTrainer against TRL 1.12's PPOTrainer (`trl.experimental.ppo`, removed in TRL 1.13) on the demo task.
+
+TRL 1.12 is not a dependency (the project pins a later TRL): install it apart and name the folder,
+
+    pip install --no-deps --target /tmp/trl112 trl==1.12.0
+    python benchmarks/ppo_vs_trl.py --trl_path /tmp/trl112 --seeds 0 1 2 3
+
+Each (side, seed) trains in its own process (TRL 1.12 goes first on sys.path in its side's process only), on one
+thread, from the demo's merged SFT policy (run `make demo` first), with the demo reward model as the reward and the
+value model's start, the same prompts, batch 64 in 4 mini-batches, 2 epochs, 10-token responses, temperature 1, a
+fixed KL coefficient 0.2 (k1) in the reward, AdamW 5e-5 (policy) / 1e-4 (value) decaying linearly to 0 (TRL's
+schedule), a missing-EOS penalty of 1 and 30 updates. TRL clips no gradients; ours clips each model's at norm 1.
+The parent then measures every saved policy the same way: one sampled answer to each of `--held_out` held-out
+prompts scored by the reward model, before and after, its KL to the SFT policy, and greedy exact match on
+`--exact_match` held-out tasks.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BATCH, MINI_BATCHES, EPOCHS, LENGTH, KL, LR, VALUE_LR = 64, 4, 2, 10, 0.2, 5e-5, 1e-4
+
+
+def models(sft: str, reward: str, scratch: Path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from pipeline.adapters import full_weights_dir
+    from pipeline.data.tokenizer import load_tokenizer
+
+    base = full_weights_dir(sft, scratch / "sft")
+    return (load_tokenizer(sft), base, AutoModelForCausalLM.from_pretrained(base),
+            AutoModelForCausalLM.from_pretrained(base), AutoModelForSequenceClassification.from_pretrained(reward),
+            AutoModelForSequenceClassification.from_pretrained(reward))
+
+
+def prompts(tokenizer, steps: int) -> list[list[int]]:
+    from pipeline.data.demo_tasks import rl_prompt_rows
+
+    return [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"]
+            for r in rl_prompt_rows(BATCH * steps, seed=0)]
+
+
+def train_ours(args, out: Path) -> dict:
+    from pipeline.alignment.ppo_trainer import PPOConfig, PPOTrainer
+    from pipeline.stages.ppo import reward_function
+
+    tokenizer, _, policy, reference, reward, value = models(args.sft, args.reward, out)
+    config = PPOConfig(output_dir=str(out / "run"), batch_size=BATCH, mini_batch_size=BATCH // MINI_BATCHES,
+                       ppo_epochs=EPOCHS, max_steps=args.steps, response_length=LENGTH, temperature=1.0, init_kl_coef=KL,
+                       kl_estimator="k1", learning_rate=LR, value_learning_rate=VALUE_LR, lr_scheduler_type="linear",
+                       missing_eos_penalty=1.0, seed=args.seed)
+    trainer = PPOTrainer(config, policy=policy, tokenizer=tokenizer, value_model=value, ref_model=reference,
+                         reward_fn=reward_function(reward, tokenizer, tokenizer, None, 0.0), prompts=prompts(tokenizer, args.steps))
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    policy.save_pretrained(out / "policy")
+    return {"seconds": seconds, "kl": [h["kl"] for h in trainer.history],
+            "score": [h["mean_score"] for h in trainer.history]}
+
+
+def train_trl(args, out: Path) -> dict:
+    sys.path.insert(0, args.trl_path)
+    import torch
+    import trl
+    from datasets import Dataset
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    if trl.__version__ != "1.12.0":
+        raise SystemExit(f"--trl_path holds trl {trl.__version__}, not 1.12.0")
+    from pipeline.data.chat_templates import stop_token_ids
+
+    tokenizer, _, policy, reference, reward, value = models(args.sft, args.reward, out)
+    tokenizer.padding_side = "left"
+    config = PPOConfig(output_dir=str(out / "run"), per_device_train_batch_size=BATCH // MINI_BATCHES,
+                       gradient_accumulation_steps=1, num_mini_batches=MINI_BATCHES, num_ppo_epochs=EPOCHS,
+                       total_episodes=BATCH * args.steps, response_length=LENGTH, temperature=1.0, kl_coef=KL,
+                       kl_estimator="k1", learning_rate=LR, stop_token_id=stop_token_ids(tokenizer)[0],
+                       missing_eos_penalty=1.0, local_rollout_forward_batch_size=BATCH, num_sample_generations=0,
+                       report_to=[], seed=args.seed, use_cpu=True, bf16=False, save_strategy="no", logging_steps=1,
+                       dataloader_drop_last=True)
+    optimizer = torch.optim.AdamW([{"params": list(policy.parameters()), "lr": LR},
+                                   {"params": list(value.parameters()), "lr": VALUE_LR}])
+    trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=reference,
+                         reward_model=reward, value_model=value, optimizers=(optimizer, None),
+                         train_dataset=Dataset.from_dict({"input_ids": prompts(tokenizer, args.steps)}))
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    policy.save_pretrained(out / "policy")
+    logs = [entry for entry in trainer.state.log_history if "objective/kl" in entry]
+    return {"seconds": seconds, "kl": [e["objective/kl"] for e in logs], "score": [e["objective/scores"] for e in logs]}
+
+
+def child(args) -> None:
+    import torch
+
+    import pipeline  # noqa: F401  (registers PipelineGPT)
+
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
+    out = Path(args.child_out)
+    result = (train_trl if args.side == "trl" else train_ours)(args, out)
+    (out / "result.json").write_text(json.dumps(result))
+
+
+def measure(args, policy_dir: Path | None, scratch: Path, seed: int) -> dict:
+    """Held-out reward, KL to the SFT policy and exact match of a policy folder (None: the SFT policy itself)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.alignment.ppo_trainer import PPOConfig, PPOTrainer
+    from pipeline.data.demo_tasks import chat, eval_tasks
+    from pipeline.evaluation.evaluators import held_out_demo_metrics
+    from pipeline.stages.ppo import reward_function
+
+    tokenizer, _, policy, reference, reward, value = models(args.sft, args.reward, scratch)
+    if policy_dir is not None:
+        policy = AutoModelForCausalLM.from_pretrained(policy_dir)
+    held_out = [tokenizer.apply_chat_template(chat(t.prompt), add_generation_prompt=True, return_dict=True)[
+        "input_ids"] for t in eval_tasks(args.held_out, seed=0)]
+    probe = PPOTrainer(PPOConfig(output_dir=str(scratch / "probe"), batch_size=64, mini_batch_size=16,
+                                 response_length=LENGTH, temperature=1.0), policy=policy, tokenizer=tokenizer,
+                       value_model=value, ref_model=reference, prompts=held_out,
+                       reward_fn=reward_function(reward, tokenizer, tokenizer, None, 0.0))
+    torch.manual_seed(seed)
+    result = probe.evaluate(held_out, batch_size=64)
+    result["exact_match"] = held_out_demo_metrics(policy, tokenizer, args.exact_match)["exact_match"]
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sft", default="outputs/demo/sft")
+    parser.add_argument("--reward", default="outputs/demo/reward")
+    parser.add_argument("--trl_path", required=True, help="a folder holding trl 1.12.0 (pip install --target)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--steps", type=int, default=30, help="PPO updates per run")
+    parser.add_argument("--held_out", type=int, default=1200)
+    parser.add_argument("--exact_match", type=int, default=300)
+    parser.add_argument("--json", help="also write the result to this file")
+    parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--child_out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.side:
+        return child(args)
+    import pipeline  # noqa: F401
+
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        for seed in args.seeds:
+            before = measure(args, None, scratch / f"before{seed}", seed)
+            for side in ("ours", "trl"):
+                out = scratch / f"{side}{seed}"
+                out.mkdir()
+                command = [sys.executable, __file__, "--side", side, "--seed", str(seed), "--child_out", str(out),
+                           "--sft", args.sft, "--reward", args.reward, "--trl_path", args.trl_path, "--steps", str(args.steps)]
+                env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
+                subprocess.run(command, check=True, env=env, cwd=REPO)
+                trained = json.loads((out / "result.json").read_text())
+                after = measure(args, out / "policy", scratch / f"after{side}{seed}", seed)
+                gain = after["reward"] - before["reward"]
+                quarter = max(1, len(trained["kl"]) // 4)
+                rows.append({"side": side, "seed": seed, "seconds": round(trained["seconds"], 1),
+                             "held_out_gain": round(gain, 3), "held_out_kl": round(after["kl"], 3),
+                             "gain_per_minute": round(gain / trained["seconds"] * 60, 3),
+                             "batch_kl_last_quarter": round(sum(trained["kl"][-quarter:]) / quarter, 3),
+                             "exact_match_before": before["exact_match"], "exact_match": after["exact_match"]})
+                print(json.dumps(rows[-1]), flush=True)
+    summary = {}
+    for side in ("ours", "trl"):
+        mine = [r for r in rows if r["side"] == side]
+        summary[side] = {key: round(statistics.fmean(r[key] for r in mine), 3) for key in
+                         ("seconds", "held_out_gain", "held_out_kl", "gain_per_minute", "batch_kl_last_quarter",
+                          "exact_match")}
+    summary["ours / trl"] = {"speed": round(summary["trl"]["seconds"] / summary["ours"]["seconds"], 3),
+                             "gain_per_minute": round(summary["ours"]["gain_per_minute"]
+                                                      / summary["trl"]["gain_per_minute"], 3)}
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

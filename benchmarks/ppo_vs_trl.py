@@ -9,7 +9,8 @@ Each (side, seed) trains in its own process (TRL 1.12 goes first on sys.path in 
 thread, from the demo's merged SFT policy (run `make demo` first), with the demo reward model as the reward and the
 value model's start, the same prompts, batch 64 in 4 mini-batches, 2 epochs, 10-token responses, temperature 1, a
 fixed KL coefficient 0.2 (k1) in the reward, AdamW 5e-5 (policy) / 1e-4 (value) decaying linearly to 0 (TRL's
-schedule), a missing-EOS penalty of 1 and 30 updates. TRL clips no gradients; ours clips each model's at norm 1.
+schedule), a missing-EOS penalty of 1 and 30 updates, float32 without gradient checkpointing (TRL's config turns
+on bf16 and checkpointing by default). TRL clips no gradients; ours clips each model's at norm 1.
 The parent then measures every saved policy the same way: one sampled answer to each of `--held_out` held-out
 prompts scored by the reward model, before and after, its KL to the SFT policy, and greedy exact match on
 `--exact_match` held-out tasks.
@@ -80,12 +81,15 @@ def train_trl(args, out: Path) -> dict:
 
     tokenizer, _, policy, reference, reward, value = models(args.sft, args.reward, out)
     tokenizer.padding_side = "left"
-    config = PPOConfig(output_dir=str(out / "run"), per_device_train_batch_size=BATCH // MINI_BATCHES,
+    # TRL 1.12: the rollout batch is per_device_train_batch_size x gradient_accumulation_steps, split into
+    # num_mini_batches mini-batches (one optimiser step each)
+    config = PPOConfig(output_dir=str(out / "run"), per_device_train_batch_size=BATCH,
                        gradient_accumulation_steps=1, num_mini_batches=MINI_BATCHES, num_ppo_epochs=EPOCHS,
                        total_episodes=BATCH * args.steps, response_length=LENGTH, temperature=1.0, kl_coef=KL,
                        kl_estimator="k1", learning_rate=LR, stop_token_id=stop_token_ids(tokenizer)[0],
                        missing_eos_penalty=1.0, local_rollout_forward_batch_size=BATCH, num_sample_generations=0,
-                       report_to=[], seed=args.seed, use_cpu=True, bf16=False, save_strategy="no", logging_steps=1,
+                       report_to=[], seed=args.seed, use_cpu=True, bf16=False, gradient_checkpointing=False,
+                       save_strategy="no", logging_steps=1,
                        dataloader_drop_last=True)
     optimizer = torch.optim.AdamW([{"params": list(policy.parameters()), "lr": LR},
                                    {"params": list(value.parameters()), "lr": VALUE_LR}])
@@ -97,6 +101,8 @@ def train_trl(args, out: Path) -> dict:
     seconds = time.perf_counter() - start
     policy.save_pretrained(out / "policy")
     logs = [entry for entry in trainer.state.log_history if "objective/kl" in entry]
+    if len(logs) != args.steps:  # one log per update: anything else means the batch settings were read otherwise
+        raise SystemExit(f"TRL ran {len(logs)} updates, not {args.steps}: check its batch settings")
     return {"seconds": seconds, "kl": [e["objective/kl"] for e in logs], "score": [e["objective/scores"] for e in logs]}
 
 

@@ -18,14 +18,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from ppo_speed import chat_prompts, demo_models, override_flags  # this folder, first on sys.path for a script
 
 import pipeline  # noqa: F401  (registers PipelineGPT)
-from pipeline.adapters import full_weights_dir
 from pipeline.alignment.ppo_core import apply_missing_eos_penalty, masked_whiten
 from pipeline.alignment.ppo_trainer import PPOConfig, PPOTrainer, positions_from_mask, token_values
 from pipeline.data.demo_tasks import rl_prompt_rows
-from pipeline.data.tokenizer import load_tokenizer
 from pipeline.stages.common import parse_stage_args
 from pipeline.stages.ppo import PPOArguments, reward_function
 
@@ -63,17 +61,13 @@ def main(argv=None):
     for path in (args.sft, args.reward):
         if not (Path(path) / "pipeline_manifest.json").is_file():
             parser.error(f"{path} is not a finished stage output: run `make demo` first")
-    tokenizer = load_tokenizer(args.sft)
-    overrides = [item for pair in args.set for item in ("--" + pair.split("=", 1)[0], pair.split("=", 1)[1])]
     with tempfile.TemporaryDirectory() as scratch:
-        base = full_weights_dir(args.sft, Path(scratch) / "sft")
-        policy, reference = AutoModelForCausalLM.from_pretrained(base), AutoModelForCausalLM.from_pretrained(base)
-        reward = AutoModelForSequenceClassification.from_pretrained(args.reward)
-        value = AutoModelForSequenceClassification.from_pretrained(args.reward)
+        tokenizer, policy, reference, reward, value = demo_models(args.sft, args.reward, Path(scratch))
         _, config = parse_stage_args((PPOArguments, PPOConfig), [
-            "--config", args.config, "--output_dir", str(Path(scratch) / "ppo"), "--ptx_coef", "0", *overrides])
-        prompts = [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, return_dict=True)[
-            "input_ids"] for r in rl_prompt_rows(config.batch_size * args.batches, seed=0)]
+            "--config", args.config, "--output_dir", str(Path(scratch) / "ppo"), "--ptx_coef", "0",
+            *override_flags(args.set)])
+        prompts = chat_prompts(tokenizer, [r["prompt"] for r in rl_prompt_rows(config.batch_size * args.batches,
+                                                                                 seed=0)])
         reward_fn = reward_function(reward, tokenizer, tokenizer, None, 0.0)
         trainer = PPOTrainer(config, policy=policy, tokenizer=tokenizer, value_model=value, reward_fn=reward_fn,
                              prompts=prompts, ref_model=reference)

@@ -36,21 +36,36 @@ from pipeline.stages.common import parse_stage_args
 from pipeline.stages.ppo import PPOArguments, load_ptx, reward_function
 
 
+def demo_models(sft: str, reward: str, scratch: Path):
+    """The demo's tokenizer, SFT policy (LoRA merged), a frozen copy of it as the reference, the reward model and
+    the value model's start (a second copy of the reward model). Shared by the PPO benchmarks."""
+    tokenizer = load_tokenizer(sft)
+    base = full_weights_dir(sft, scratch / "sft")
+    return (tokenizer, AutoModelForCausalLM.from_pretrained(base), AutoModelForCausalLM.from_pretrained(base),
+            AutoModelForSequenceClassification.from_pretrained(reward),
+            AutoModelForSequenceClassification.from_pretrained(reward))
+
+
+def chat_prompts(tokenizer, conversations) -> list[list[int]]:
+    """Token ids of each conversation with the generation prompt, as the PPO stage encodes its prompts."""
+    return [tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+            for messages in conversations]
+
+
+def override_flags(pairs: list[str]) -> list[str]:
+    """`--set KEY=VALUE` items as the stage parser's flags."""
+    return [item for pair in pairs for item in ("--" + pair.split("=", 1)[0], pair.split("=", 1)[1])]
+
+
 def one_seed(args, seed: int, scratch: Path) -> dict:
-    tokenizer = load_tokenizer(args.sft)
-    base = full_weights_dir(args.sft, scratch / "sft")
-    policy, reference = AutoModelForCausalLM.from_pretrained(base), AutoModelForCausalLM.from_pretrained(base)
-    reward = AutoModelForSequenceClassification.from_pretrained(args.reward)
-    value = AutoModelForSequenceClassification.from_pretrained(args.reward)
-    encode = lambda messages: tokenizer.apply_chat_template(messages, add_generation_prompt=True,  # noqa: E731
-                                                            return_dict=True)["input_ids"]
-    prompts = [encode(r["prompt"]) for r in rl_prompt_rows(args.batch_size * args.steps, seed=0)]
-    held_out = [encode(chat(t.prompt)) for t in eval_tasks(args.held_out, seed=0)]
-    overrides = [item for pair in args.set for item in ("--" + pair.split("=", 1)[0], pair.split("=", 1)[1])]
+    tokenizer, policy, reference, reward, value = demo_models(args.sft, args.reward, scratch)
+    prompts = chat_prompts(tokenizer, [r["prompt"] for r in rl_prompt_rows(args.batch_size * args.steps, seed=0)])
+    held_out = chat_prompts(tokenizer, [chat(t.prompt) for t in eval_tasks(args.held_out, seed=0)])
     stage, config = parse_stage_args((PPOArguments, PPOConfig), [
         "--config", args.config, "--output_dir", str(scratch / "ppo"), "--max_steps", str(args.steps),
         "--batch_size", str(args.batch_size), "--mini_batch_size", str(args.mini_batch_size),
-        "--response_length", str(args.response_length), "--save_steps", "0", "--seed", str(seed), *overrides])
+        "--response_length", str(args.response_length), "--save_steps", "0", "--seed", str(seed),
+        *override_flags(args.set)])
     ptx, _ = load_ptx(stage, config, tokenizer)  # the config's PPO-ptx rows, as the demo trains
     if stage.cpu_threads:
         torch.set_num_threads(stage.cpu_threads)

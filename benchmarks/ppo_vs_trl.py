@@ -31,29 +31,25 @@ BATCH, MINI_BATCHES, EPOCHS, LENGTH, KL, LR, VALUE_LR = 64, 4, 2, 10, 0.2, 5e-5,
 
 
 def models(sft: str, reward: str, scratch: Path):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    # Imported here: TRL 1.12 must be on sys.path before anything imports trl in its side's process.
+    from ppo_speed import demo_models
 
-    from pipeline.adapters import full_weights_dir
-    from pipeline.data.tokenizer import load_tokenizer
-
-    base = full_weights_dir(sft, scratch / "sft")
-    return (load_tokenizer(sft), base, AutoModelForCausalLM.from_pretrained(base),
-            AutoModelForCausalLM.from_pretrained(base), AutoModelForSequenceClassification.from_pretrained(reward),
-            AutoModelForSequenceClassification.from_pretrained(reward))
+    return demo_models(sft, reward, scratch)
 
 
 def prompts(tokenizer, steps: int) -> list[list[int]]:
+    from ppo_speed import chat_prompts
+
     from pipeline.data.demo_tasks import rl_prompt_rows
 
-    return [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"]
-            for r in rl_prompt_rows(BATCH * steps, seed=0)]
+    return chat_prompts(tokenizer, [r["prompt"] for r in rl_prompt_rows(BATCH * steps, seed=0)])
 
 
 def train_ours(args, out: Path) -> dict:
     from pipeline.alignment.ppo_trainer import PPOConfig, PPOTrainer
     from pipeline.stages.ppo import reward_function
 
-    tokenizer, _, policy, reference, reward, value = models(args.sft, args.reward, out)
+    tokenizer, policy, reference, reward, value = models(args.sft, args.reward, out)
     config = PPOConfig(output_dir=str(out / "run"), batch_size=BATCH, mini_batch_size=BATCH // MINI_BATCHES,
                        ppo_epochs=EPOCHS, max_steps=args.steps, response_length=LENGTH, temperature=1.0, init_kl_coef=KL,
                        kl_estimator="k1", learning_rate=LR, value_learning_rate=VALUE_LR, lr_scheduler_type="linear",
@@ -79,7 +75,7 @@ def train_trl(args, out: Path) -> dict:
         raise SystemExit(f"--trl_path holds trl {trl.__version__}, not 1.12.0")
     from pipeline.data.chat_templates import stop_token_ids
 
-    tokenizer, _, policy, reference, reward, value = models(args.sft, args.reward, out)
+    tokenizer, policy, reference, reward, value = models(args.sft, args.reward, out)
     tokenizer.padding_side = "left"
     # TRL 1.12: the rollout batch is per_device_train_batch_size x gradient_accumulation_steps, split into
     # num_mini_batches mini-batches (one optimiser step each)
@@ -121,6 +117,7 @@ def child(args) -> None:
 def measure(args, policy_dir: Path | None, scratch: Path, seed: int) -> dict:
     """Held-out reward, KL to the SFT policy and exact match of a policy folder (None: the SFT policy itself)."""
     import torch
+    from ppo_speed import chat_prompts
     from transformers import AutoModelForCausalLM
 
     from pipeline.alignment.ppo_trainer import PPOConfig, PPOTrainer
@@ -128,11 +125,10 @@ def measure(args, policy_dir: Path | None, scratch: Path, seed: int) -> dict:
     from pipeline.evaluation.evaluators import held_out_demo_metrics
     from pipeline.stages.ppo import reward_function
 
-    tokenizer, _, policy, reference, reward, value = models(args.sft, args.reward, scratch)
+    tokenizer, policy, reference, reward, value = models(args.sft, args.reward, scratch)
     if policy_dir is not None:
         policy = AutoModelForCausalLM.from_pretrained(policy_dir)
-    held_out = [tokenizer.apply_chat_template(chat(t.prompt), add_generation_prompt=True, return_dict=True)[
-        "input_ids"] for t in eval_tasks(args.held_out, seed=0)]
+    held_out = chat_prompts(tokenizer, [chat(t.prompt) for t in eval_tasks(args.held_out, seed=0)])
     probe = PPOTrainer(PPOConfig(output_dir=str(scratch / "probe"), batch_size=64, mini_batch_size=16,
                                  response_length=LENGTH, temperature=1.0), policy=policy, tokenizer=tokenizer,
                        value_model=value, ref_model=reference, prompts=held_out,

@@ -38,8 +38,8 @@ policy's; step), averaged over processes; `trainer.samples` the decoded (prompt,
 `trainer.evaluate(prompts)` gives the reward and KL of the current policy on other (held-out) prompts.
 
 Checkpoints go to `output_dir/checkpoint-<step>/` (policy/, value_model/, optimizer.pt, trainer_state.json with the
-schedule, rng_state_<rank>.pth; under FSDP and DeepSpeed Accelerate's `save_state` shards in engine_state/), written to a temporary folder and renamed, so a crash never leaves a half-written one; a
-resumed run reproduces the uninterrupted one exactly (pass the same reference model and prompts). A non-finite loss
+schedule, rng_state_<rank>.pth; under FSDP and DeepSpeed Accelerate's `save_state` shards in engine_state/),
+written to a temporary folder and renamed, so a crash never leaves a half-written one; a resumed run reproduces the uninterrupted one exactly (pass the same reference model and prompts). A non-finite loss
 raises RuntimeError naming the step before any update, leaving the last checkpoint as it was.
 
 PPO-ptx (InstructGPT, Ouyang et al. 2022, eq. 2): with `ptx_coef > 0` and `ptx_data` (rows {"input_ids",
@@ -686,10 +686,7 @@ class PPOTrainer:
             full = self.accelerator.get_state_dict(self.actor_critic)
             state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
         if self.accelerator.is_main_process:
-            if state is None:
-                self.policy.save_pretrained(output_dir)
-            else:
-                self.policy.save_pretrained(output_dir, state_dict=state)
+            self.policy.save_pretrained(output_dir, state_dict=state)  # None: the model's own weights
             self.tokenizer.save_pretrained(output_dir)
         self.accelerator.wait_for_everyone()
         return output_dir

@@ -191,7 +191,8 @@ def _train_ppo(args: PPOArguments, config: PPOConfig) -> Path:
         else:
             final = merged_for_saving(trainer.policy)
         if args.eval_demo_tasks:
-            metrics.update(held_out_demo_metrics(final or trainer.policy, tokenizer, args.eval_demo_tasks))
+            metrics.update(held_out_demo_metrics(trainer.policy if final is None else final, tokenizer,
+                                                  args.eval_demo_tasks))
         metrics["wall_seconds"] = round(time.monotonic() - started, 1)
         if trainer.accelerator.is_main_process:
             if history:  # the trade-off of this run, next to the model

@@ -10,13 +10,17 @@ thread, from the demo's merged SFT policy (run `make demo` first), with the demo
 value model's start, the same prompts, batch 64 in 4 mini-batches, 2 epochs, 10-token responses, temperature 1, a
 fixed KL coefficient 0.2 (k1) in the reward, AdamW 5e-5 (policy) / 1e-4 (value) decaying linearly to 0 (TRL's
 schedule), a missing-EOS penalty of 1 and 30 updates, float32 without gradient checkpointing (TRL's config turns
-on bf16 and checkpointing by default). TRL clips no gradients; ours clips each model's at norm 1.
+on bf16 and checkpointing by default). TRL clips no gradients; ours clips each model's at norm 1. TRL gets a
+torch AdamW with two parameter groups and no weight decay (its Trainer's default optimiser settings).
+`--variant KEY=VALUE[,KEY=VALUE]` adds one more arm of ours with those PPOConfig settings changed, e.g.
+`--variant max_grad_norm=0` (repeatable); every arm trains on the same seeds.
 The parent then measures every saved policy the same way: one sampled answer to each of `--held_out` held-out
 prompts scored by the reward model, before and after, its KL to the SFT policy, and greedy exact match on
 `--exact_match` held-out tasks.
 """
 
 import argparse
+import ast
 import json
 import os
 import statistics
@@ -45,6 +49,18 @@ def prompts(tokenizer, steps: int) -> list[list[int]]:
     return chat_prompts(tokenizer, [r["prompt"] for r in rl_prompt_rows(BATCH * steps, seed=0)])
 
 
+def variant_settings(variant: str) -> dict:
+    """`KEY=VALUE,KEY=VALUE` as PPOConfig keyword arguments (values read as Python literals, else strings)."""
+    settings = {}
+    for pair in filter(None, variant.split(",")):
+        key, _, value = pair.partition("=")
+        try:
+            settings[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            settings[key] = value
+    return settings
+
+
 def train_ours(args, out: Path) -> dict:
     from pipeline.alignment.ppo_trainer import PPOConfig, PPOTrainer
     from pipeline.stages.ppo import reward_function
@@ -53,7 +69,7 @@ def train_ours(args, out: Path) -> dict:
     config = PPOConfig(output_dir=str(out / "run"), batch_size=BATCH, mini_batch_size=BATCH // MINI_BATCHES,
                        ppo_epochs=EPOCHS, max_steps=args.steps, response_length=LENGTH, temperature=1.0, init_kl_coef=KL,
                        kl_estimator="k1", learning_rate=LR, value_learning_rate=VALUE_LR, lr_scheduler_type="linear",
-                       missing_eos_penalty=1.0, seed=args.seed)
+                       missing_eos_penalty=1.0, seed=args.seed, **variant_settings(args.variant or ""))
     trainer = PPOTrainer(config, policy=policy, tokenizer=tokenizer, value_model=value, ref_model=reference,
                          reward_fn=reward_function(reward, tokenizer, tokenizer, None, 0.0), prompts=prompts(tokenizer, args.steps))
     start = time.perf_counter()
@@ -88,7 +104,7 @@ def train_trl(args, out: Path) -> dict:
                        save_strategy="no", logging_steps=1,
                        dataloader_drop_last=True)
     optimizer = torch.optim.AdamW([{"params": list(policy.parameters()), "lr": LR},
-                                   {"params": list(value.parameters()), "lr": VALUE_LR}])
+                                   {"params": list(value.parameters()), "lr": VALUE_LR}], weight_decay=0.0)
     trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=reference,
                          reward_model=reward, value_model=value, optimizers=(optimizer, None),
                          train_dataset=Dataset.from_dict({"input_ids": prompts(tokenizer, args.steps)}))
@@ -139,6 +155,13 @@ def measure(args, policy_dir: Path | None, scratch: Path, seed: int) -> dict:
     return result
 
 
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation and standard error of the mean over seeds."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": round(statistics.fmean(values), 3), "std": round(std, 3),
+            "sem": round(std / len(values) ** 0.5, 3)}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sft", default="outputs/demo/sft")
@@ -149,12 +172,25 @@ def main(argv=None):
     parser.add_argument("--held_out", type=int, default=1200)
     parser.add_argument("--exact_match", type=int, default=300)
     parser.add_argument("--json", help="also write the result to this file")
+    parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="one more arm of ours with these PPOConfig settings, e.g. max_grad_norm=0")
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--child_out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.side:
+        args.variant = args.variant[0] if args.variant else None
         return child(args)
+    from dataclasses import fields
+
+    from pipeline.alignment.ppo_trainer import PPOConfig
+
+    known = {f.name for f in fields(PPOConfig)}
+    for variant in args.variant:  # checked before any training
+        pairs = variant.split(",")
+        if any("=" not in pair or pair.split("=", 1)[0] not in known for pair in pairs):
+            parser.error(f"--variant takes KEY=VALUE[,KEY=VALUE] with PPOConfig keys, got {variant!r}")
+    arms = [("ours", None), ("trl", None)] + [("ours", variant) for variant in args.variant]
     import pipeline  # noqa: F401
 
     rows = []
@@ -162,32 +198,38 @@ def main(argv=None):
         scratch = Path(scratch)
         for seed in args.seeds:
             before = measure(args, None, scratch / f"before{seed}", seed)
-            for side in ("ours", "trl"):
-                out = scratch / f"{side}{seed}"
+            for index, (side, variant) in enumerate(arms):
+                arm = side if variant is None else f"ours[{variant}]"
+                out = scratch / f"arm{index}-{seed}"
                 out.mkdir()
                 command = [sys.executable, __file__, "--side", side, "--seed", str(seed), "--child_out", str(out),
                            "--sft", args.sft, "--reward", args.reward, "--trl_path", args.trl_path, "--steps", str(args.steps)]
+                if variant is not None:
+                    command += ["--variant", variant]
                 env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
                 subprocess.run(command, check=True, env=env, cwd=REPO)
                 trained = json.loads((out / "result.json").read_text())
-                after = measure(args, out / "policy", scratch / f"after{side}{seed}", seed)
+                after = measure(args, out / "policy", scratch / f"after{index}-{seed}", seed)
                 gain = after["reward"] - before["reward"]
                 quarter = max(1, len(trained["kl"]) // 4)
-                rows.append({"side": side, "seed": seed, "seconds": round(trained["seconds"], 1),
+                rows.append({"side": arm, "seed": seed, "seconds": round(trained["seconds"], 1),
                              "held_out_gain": round(gain, 3), "held_out_kl": round(after["kl"], 3),
                              "gain_per_minute": round(gain / trained["seconds"] * 60, 3),
                              "batch_kl_last_quarter": round(sum(trained["kl"][-quarter:]) / quarter, 3),
                              "exact_match_before": before["exact_match"], "exact_match": after["exact_match"]})
                 print(json.dumps(rows[-1]), flush=True)
     summary = {}
-    for side in ("ours", "trl"):
+    for side in dict.fromkeys(r["side"] for r in rows):
         mine = [r for r in rows if r["side"] == side]
-        summary[side] = {key: round(statistics.fmean(r[key] for r in mine), 3) for key in
+        summary[side] = {key: spread([r[key] for r in mine]) for key in
                          ("seconds", "held_out_gain", "held_out_kl", "gain_per_minute", "batch_kl_last_quarter",
                           "exact_match")}
-    summary["ours / trl"] = {"speed": round(summary["trl"]["seconds"] / summary["ours"]["seconds"], 3),
-                             "gain_per_minute": round(summary["ours"]["gain_per_minute"]
-                                                      / summary["trl"]["gain_per_minute"], 3)}
+    def ratio(key: str, side: str, other: str) -> float | None:  # None where the other side's mean is 0
+        mine, theirs = summary[side][key]["mean"], summary[other][key]["mean"]
+        return round(mine / theirs, 3) if theirs else None
+
+    summary["ours / trl"] = {"speed": ratio("seconds", "trl", "ours"),
+                             "gain_per_minute": ratio("gain_per_minute", "ours", "trl")}
     print(json.dumps(summary, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))

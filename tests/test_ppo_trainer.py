@@ -485,3 +485,31 @@ def test_kl_in_the_loss_leaves_the_reward_to_the_score(tokenizer, tmp_path):
     assert with_kl - without == pytest.approx(expected, rel=1e-4)
     with pytest.raises(ValueError, match="kl_penalty must be"):
         PPOConfig(kl_penalty="both")
+
+
+def test_evaluate_scores_held_out_prompts_in_chunks_and_keeps_the_random_state(tokenizer, tmp_path):
+    calls = []
+
+    def recording(prompts_ids, responses_ids):
+        scores = torch.tensor([len(r) / 10 for r in responses_ids])  # a score each response earns on its own
+        calls.append((len(prompts_ids), scores))
+        return scores
+
+    trainer = make_trainer(tokenizer, tmp_path, reward_fn=recording)
+    state = torch.get_rng_state()
+    result = trainer.evaluate(prompts(6), batch_size=4)
+    assert torch.equal(torch.get_rng_state(), state)  # training's sampling continues as if nothing ran
+    assert [n for n, _ in calls] == [4, 2] and result["samples"] == 6
+    scores = torch.cat([s for _, s in calls])
+    assert result["reward"] == pytest.approx(scores.mean().item())
+    assert result["response_length"] == pytest.approx(scores.mean().item() * 10)  # the score is the length / 10
+    assert abs(result["kl"]) < 1e-5  # the policy is still the reference
+
+
+def test_a_reward_fn_without_one_finite_score_per_response_stops_with_where(tokenizer, tmp_path):
+    short = make_trainer(tokenizer, tmp_path / "short", reward_fn=lambda p, r: torch.zeros(len(r) - 1))
+    with pytest.raises(RuntimeError, match=r"evaluate: reward_fn must return one finite score per response \(4\)"):
+        short.evaluate(prompts(4))
+    nan = make_trainer(tokenizer, tmp_path / "nan", reward_fn=lambda p, r: torch.full((len(r),), float("nan")))
+    with pytest.raises(RuntimeError, match=r"PPO step 1: reward_fn must return one finite score per response"):
+        nan.train()

@@ -417,13 +417,7 @@ class PPOTrainer:
             p["query_mask"] = nn.functional.pad(p["query_mask"], (extra, 0), value=0)
         batch = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
         mask = batch["response_mask"]
-        responses = [row[m.bool()].tolist() for row, m in zip(batch["response"].cpu(), mask.cpu())]
-
-        scores = self.reward_fn(prompts, responses)
-        scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1).to(device)
-        if scores.shape[0] != len(prompts) or not torch.isfinite(scores).all():
-            raise RuntimeError(f"PPO step {step + 1}: reward_fn must return one finite score per response "
-                               f"({len(prompts)}), got {scores.tolist()}")
+        responses, scores = self._score(prompts, batch["response"], mask, f"PPO step {step + 1}")
         penalised = apply_missing_eos_penalty(scores, batch["has_eos"], cfg.missing_eos_penalty)
         kl = kl_estimate(batch["logprobs"], batch["ref_logprobs"], cfg.kl_estimator) * mask
         kl_coef = self.kl_controller.value
@@ -448,6 +442,16 @@ class PPOTrainer:
             "kl_coef": torch.tensor(kl_coef, device=device),
         }
         return {"batch": batch, "stats": stats}
+
+    def _score(self, prompts: list[list[int]], response: torch.Tensor, mask: torch.Tensor,
+               where: str) -> tuple[list[list[int]], torch.Tensor]:
+        """The responses as token lists (padding dropped) and `reward_fn`'s scores, one finite float32 each."""
+        responses = [row[m.bool()].tolist() for row, m in zip(response.cpu(), mask.cpu())]
+        scores = torch.as_tensor(self.reward_fn(prompts, responses), dtype=torch.float32).reshape(-1)
+        if scores.shape[0] != len(prompts) or not torch.isfinite(scores).all():
+            raise RuntimeError(f"{where}: reward_fn must return one finite score per response ({len(prompts)}), "
+                               f"got {scores.tolist()}")
+        return responses, scores.to(self.accelerator.device)
 
     def _rollout_chunk(self, prompts: list[list[int]]) -> dict:
         cfg, device, length = self.config, self.accelerator.device, self.config.response_length
@@ -512,8 +516,7 @@ class PPOTrainer:
                 part = prompts[begin:begin + chunk]
                 rollout = self._rollout_chunk(part)
                 mask = rollout["response_mask"]
-                responses = [row[m.bool()].tolist() for row, m in zip(rollout["response"].cpu(), mask.cpu())]
-                scores.append(torch.as_tensor(self.reward_fn(part, responses), dtype=torch.float32).reshape(-1))
+                scores.append(self._score(part, rollout["response"], mask, "evaluate")[1].cpu())
                 kls.append(((rollout["logprobs"] - rollout["ref_logprobs"]) * mask).sum(1).cpu())
                 lengths.append(mask.sum(1).float().cpu())
         return {"reward": torch.cat(scores).mean().item(), "kl": torch.cat(kls).mean().item(),

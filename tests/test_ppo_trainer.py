@@ -316,6 +316,20 @@ def test_stage_rejects_a_negative_thread_count():
         run_ppo(PPOArguments(cpu_threads=-1), PPOConfig())
 
 
+@pytest.mark.parametrize("engine", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_stage_refuses_an_adapter_policy_under_a_sharded_engine_before_loading(engine, monkeypatch, tmp_path):
+
+    import pipeline.stages.ppo as stage
+
+    monkeypatch.setenv(engine, "true")  # what `accelerate launch --config_file fsdp2.yaml/deepspeed_*.yaml` sets
+    monkeypatch.setattr(stage, "check_distributed_setup", lambda _: None)  # as on a GPU machine (CPU refuses FSDP)
+    missing = str(tmp_path / "no-model-here")  # nothing is loaded: the check comes first
+    with pytest.raises(ValueError, match="method: lora .* under FSDP or DeepSpeed is not supported"):
+        stage.run_ppo(stage.PPOArguments(method="lora", model_name_or_path=missing, reward_model_path=missing),
+                PPOConfig(output_dir=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
 # --- rollout options: chunked rollouts, unwhitened advantages, the k3 estimator, top_k ----------------------------
 
 def rollout(trainer, step: int = 0) -> dict:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import parse_flag_from_env
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from pipeline.alignment.ppo_trainer import PPOConfig, PPOTrainer
@@ -141,6 +142,10 @@ def _train_ppo(args: PPOArguments, config: PPOConfig) -> Path:
         raise ConfigError(f"cpu_threads: must be >= 0 (0 = torch's default), got {args.cpu_threads}")
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
+    sharded = parse_flag_from_env("ACCELERATE_USE_FSDP") or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+    if args.is_adapter and sharded:  # before any model loads: `accelerate launch` names the engine in the environment
+        raise ConfigError(f"method: {args.method} (an adapter policy) under FSDP or DeepSpeed is not supported by the "
+                          "PPO stage yet; use method: full there, or DDP (recipes/accelerate/ddp.yaml) with an adapter")
     started, destination = time.monotonic(), Path(config.output_dir)
     with StageOutput(config.output_dir, overwrite=args.overwrite) as out:
         tokenizer = load_chat_tokenizer(args.model_name_or_path, args.chat_template)
@@ -173,9 +178,6 @@ def _train_ppo(args: PPOArguments, config: PPOConfig) -> Path:
                                                        args.verifier_weight, args.reward_model_weight),
                              prompts=prompts, ref_model=ref_model, ptx_data=ptx)
         reward_model.to(trainer.accelerator.device)  # scored where the rollouts are
-        if trainer.sharded and args.is_adapter:
-            raise ConfigError("method: a LoRA policy under FSDP or DeepSpeed is not supported by the PPO stage yet; "
-                              "use method: full there, or DDP (recipes/accelerate/ddp.yaml) with LoRA")
         out.guard_resume(run_fingerprint({"stage": asdict(args), "ppo": asdict(config)},
                                          [args.model_name_or_path, args.reward_model_path, args.value_model_path],
                                          mixture))

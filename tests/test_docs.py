@@ -31,7 +31,9 @@ TINY.update({
     "pipeline data prepare": "--dataset_path demo:pretrain?n=150 --block_size 32",
     "python benchmarks/data_prep.py": "--documents 50 --vocab_size 300 --block_size 32 --repeats 1",
 })
-CHAIN_TINY = "--per_device_train_batch_size 4 --logging_steps 1"
+# Accumulation 1: the hub configs accumulate 4-8 micro-batches per step, which only multiplies a tiny run's work
+# (the demo configs already use 1).
+CHAIN_TINY = "--per_device_train_batch_size 4 --gradient_accumulation_steps 1 --logging_steps 1"
 TINY.update({
     "accelerate launch recipes/tokenizer.py": "--dataset_path demo:pretrain?n=150 --vocab_size 300",
     "accelerate launch recipes/pretrain.py": "--dataset_path demo:pretrain?n=150 --max_steps 4 --hidden_size 32 "
@@ -44,7 +46,7 @@ TINY.update({
     "accelerate launch recipes/dpo.py": "--dataset_path demo:prompts?n=40 --max_steps 2 --eval_demo_tasks 4 "
                                         f"--on_policy_samples 2 {CHAIN_TINY}",
     "accelerate launch recipes/ppo.py": "--dataset_path demo:prompts?n=40 --max_steps 2 --batch_size 4 "
-                                        "--mini_batch_size 2 --eval_demo_tasks 4",
+                                        "--mini_batch_size 2 --eval_demo_tasks 4 --response_length 10",  # hub: 128
     "accelerate launch recipes/grpo.py": "--dataset_path demo:prompts?n=40 --max_steps 2 --num_generations 4 "
                                          f"--eval_demo_tasks 4 {CHAIN_TINY}",
     "pipeline merge": "", "pipeline export": "", "pipeline push": "", "pipeline env": "",

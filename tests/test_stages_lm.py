@@ -44,6 +44,17 @@ def launch(stage: str, *args: str, processes: int = 1, check: bool = True) -> su
     return proc
 
 
+def run_in_process(stage: str, *args: str) -> subprocess.CompletedProcess:
+    """The recipe's entry point in this interpreter, for runs refused before they train (or as light as a
+    tokenizer): the same `error:` line and exit status as a launch, without a torch+transformers start-up."""
+    from test_docs import _recipe_main, in_process
+
+    from pipeline.errors import run_entry_point
+
+    main = _recipe_main(REPO / "recipes" / f"{stage}.py")
+    return in_process(lambda: run_entry_point(main, ["--config", str(CONFIGS / f"{stage}.yaml"), *args]), REPO)
+
+
 def manifest(path: Path) -> dict:
     return json.loads((path / "pipeline_manifest.json").read_text())
 
@@ -136,14 +147,16 @@ def test_sft_methods_run_and_load(chain, tmp_path, method):
 
 
 def test_output_is_refused_without_overwrite_and_tokenizer_mismatch_is_refused(chain, tmp_path):
-    again = launch("pretrain", "--output_dir", str(chain / "pretrain"), "--tokenizer_name_or_path",
-                   str(chain / "tokenizer"), "--dataset_path", "demo:pretrain?n=150", "--max_steps", "1",
-                   *TINY_MODEL, *TINY_TRAIN, check=False)
+    # In process: every launch of tests/test_stages_lm.py goes through the same entry point and its error handling.
+    again = run_in_process("pretrain", "--output_dir", str(chain / "pretrain"), "--tokenizer_name_or_path",
+                           str(chain / "tokenizer"), "--dataset_path", "demo:pretrain?n=150", "--max_steps", "1",
+                           *TINY_MODEL, *TINY_TRAIN)
     assert again.returncode != 0 and "--overwrite true" in again.stderr
     other = tmp_path / "other-tokenizer"
-    launch("tokenizer", "--output_dir", str(other), "--dataset_path", "demo:sft?n=150", "--vocab_size", "280")
-    mismatch = launch("sft", *sft_args(chain, tmp_path / "sft", "full", "--tokenizer_name_or_path", str(other)),
-                      check=False)
+    made = run_in_process("tokenizer", "--output_dir", str(other), "--dataset_path", "demo:sft?n=150",
+                          "--vocab_size", "280")
+    assert made.returncode == 0, made.stderr[-2000:]
+    mismatch = run_in_process("sft", *sft_args(chain, tmp_path / "sft", "full", "--tokenizer_name_or_path", str(other)))
     assert mismatch.returncode != 0 and "tokenizer" in mismatch.stderr.lower()
     assert not (tmp_path / "sft").exists()
 
@@ -190,7 +203,7 @@ def test_sigkill_then_resume_equals_uninterrupted(chain, tmp_path, stage):
     if stage == "pretrain":  # a resume under other settings or data is refused, naming what differs
         for flag, value, named in (("--learning_rate", "1e-2", "training.learning_rate"),
                                    ("--dataset_path", "demo:pretrain?n=160", "data")):
-            refused = launch(stage, *make(killed), flag, value, check=False)
+            refused = run_in_process(stage, *make(killed), flag, value)
             assert refused.returncode != 0 and named in refused.stderr, refused.stderr[-2000:]
         assert (killed.with_name("killed.incomplete") / "checkpoints" / "checkpoint-4").is_dir()  # kept for a resume
     resumed = launch(stage, *make(killed))  # picks up checkpoint-4 by itself

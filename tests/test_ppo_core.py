@@ -6,6 +6,7 @@ import torch
 from pipeline.alignment.ppo_core import (
     AdaptiveKLController,
     FixedKLController,
+    after_eos_mask,
     apply_missing_eos_penalty,
     clipped_policy_loss,
     clipped_value_loss,
@@ -108,6 +109,27 @@ def test_score_lands_on_the_eos_token():
     rewards = token_level_rewards(scores, kl, mask, kl_coef=0.5)
     # -0.5 * kl on real tokens; score added at the last real one (index 1, then index 2)
     close(rewards, [[-0.05, 2.9, 0.0], [-0.25, -0.25, -1.25]])
+
+
+def test_score_after_eos_is_one_more_state_valued_by_the_critic():
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]])
+    # one more position after the last real token, where the row has room (row 1 ran to the limit; row 3 is empty)
+    assert after_eos_mask(mask).tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]]
+    mask = torch.tensor([[1, 1, 0]])
+    value_mask = after_eos_mask(mask)
+    kl = torch.tensor([[0.1, 0.2, 0.0]])
+    values = torch.tensor([[0.5, 1.0, 2.0]])  # 2.0: the critic at the state after EOS (V')
+    rewards = token_level_rewards(torch.tensor([3.0]), kl * mask, value_mask, kl_coef=0.5)
+    close(rewards, [[-0.05, -0.1, 3.0]])  # the score moves to the state after EOS, which has no KL
+    advantages, returns = compute_gae(rewards, values, value_mask, gamma=1.0, lam=0.5)
+    # t=2: A = 3 - 2 = 1;  t=1: delta = -0.1 + 2 - 1 = 0.9, A = 0.9 + 0.5*1 = 1.4;
+    # t=0: delta = -0.05 + 1 - 0.5 = 0.45, A = 0.45 + 0.5*1.4 = 1.15
+    close(advantages, [[1.15, 1.4, 1.0]])
+    close(returns, [[1.65, 2.4, 3.0]])  # the critic learns V' -> score
+    # With the score on EOS: A1 = -0.1 + 3 - 1 = 1.9, A0 = 0.45 + 0.5*1.9 = 1.4. The difference at token t is
+    # lam^(n-1-t) * (1 - lam) * (V' - score): -0.5 at t=1, -0.25 at t=0.
+    eos_advantages, _ = compute_gae(token_level_rewards(torch.tensor([3.0]), kl, mask, 0.5), values, mask, 1.0, 0.5)
+    close(advantages[:, :2] - eos_advantages[:, :2], [[-0.25, -0.5]])
 
 
 def test_missing_eos_penalty():

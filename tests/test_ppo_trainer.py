@@ -98,14 +98,15 @@ def assert_same_parameters(a: dict, b: dict, atol=1e-6):
         torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("ptx_coef", [0.0, 0.5])
-def test_gradient_accumulation_equals_one_big_mini_batch(tokenizer, tmp_path, ptx_coef):
+@pytest.mark.parametrize("ptx_coef,score_after_eos", [(0.0, False), (0.5, False), (0.0, True)])
+def test_gradient_accumulation_equals_one_big_mini_batch(tokenizer, tmp_path, ptx_coef, score_after_eos):
     before = parameters(make_trainer(tokenizer, tmp_path / "x"))
     ptx = ptx_data() if ptx_coef else None  # ptx rows of unequal length: the loss is a token mean over the group
+    # score_after_eos: the value loss averages over more tokens than the policy loss
     accumulated = make_trainer(tokenizer, tmp_path / "a", mini_batch_size=2, gradient_accumulation_steps=2,
-                               max_steps=1, ppo_epochs=1, ptx_coef=ptx_coef, ptx=ptx)
+                               max_steps=1, ppo_epochs=1, ptx_coef=ptx_coef, ptx=ptx, score_after_eos=score_after_eos)
     single = make_trainer(tokenizer, tmp_path / "b", mini_batch_size=4, gradient_accumulation_steps=1,
-                          max_steps=1, ppo_epochs=1, ptx_coef=ptx_coef, ptx=ptx)
+                          max_steps=1, ppo_epochs=1, ptx_coef=ptx_coef, ptx=ptx, score_after_eos=score_after_eos)
     accumulated.train(), single.train()
     after_accumulated, after_single = parameters(accumulated), parameters(single)
     assert_same_parameters(after_accumulated, after_single)
@@ -382,6 +383,33 @@ def test_whiten_advantages_false_keeps_the_gae_advantages(tokenizer, tmp_path):
     assert abs(a.mean().item()) > 1e-3  # unwhitened: not centred
     expected = (a - a.mean()) / a.std(unbiased=True)  # whitened: centred and scaled (Bessel-corrected)
     torch.testing.assert_close(white["advantages"][mask], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_score_after_eos_trains_the_critic_one_state_further(tokenizer, tmp_path):
+    scores = lambda prompts_ids, responses_ids: torch.arange(len(responses_ids), dtype=torch.float32)  # noqa: E731
+    settings = dict(reward_fn=scores, whiten_advantages=False, batch_size=8, response_length=12)  # some rows end
+    eos = rollout(make_trainer(tokenizer, tmp_path / "eos", **settings))
+    after = rollout(make_trainer(tokenizer, tmp_path / "after", score_after_eos=True, **settings))
+    a, b = after["batch"], eos["batch"]
+    mask, value_mask = a["response_mask"], a["value_mask"]
+    assert torch.equal(a["response"], b["response"])  # the same seed samples the same responses
+    assert torch.equal(b["value_mask"], mask)  # the default: no extra state
+    extra = (value_mask - mask).bool()
+    ended = mask.sum(1) < mask.shape[1]
+    assert extra.sum(1).tolist() == ended.long().tolist()  # one extra state per row that ended early
+    assert ended.any()
+    rows = torch.nonzero(ended).squeeze(1)
+    # the extra state's return is the score (nothing follows it), its advantage 0 (no action is taken there)
+    torch.testing.assert_close(a["returns"][extra], rows.float())
+    assert (a["advantages"][extra] == 0).all()
+    # its value is the critic's at the EOS token (kept, not masked), and the other values are unchanged
+    assert (a["values"][extra] != 0).all()
+    torch.testing.assert_close(a["values"] * mask, b["values"])
+    # GAE's identity on the tokens (whitening is off), and the return before EOS bootstraps from V'
+    torch.testing.assert_close((a["advantages"] + a["values"])[mask.bool()], a["returns"][mask.bool()])
+    assert not torch.allclose(a["returns"][mask.bool()], b["returns"][mask.bool()])
+    after_trainer = make_trainer(tokenizer, tmp_path / "t", reward_fn=scores, score_after_eos=True, max_steps=1)
+    assert after_trainer.train()[0]["value_loss"] > 0
 
 
 def test_k3_kl_is_the_non_negative_estimator_of_the_sampled_log_ratio(tokenizer, tmp_path):

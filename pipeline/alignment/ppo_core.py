@@ -143,6 +143,18 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return (positions * mask.long()).argmax(dim=1)
 
 
+def after_eos_mask(mask: torch.Tensor) -> torch.Tensor:
+    """`mask` plus one position after each row's last real token where the response has room for it: the state after
+    EOS, where TRL's former PPOTrainer put the score and trained the value model (rows that ran to the length limit
+    keep their mask)."""
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    after = last_token_index(mask) + 1
+    room = (after < mask.shape[1]) & (mask.sum(1) > 0)
+    extended = mask.clone()
+    extended[rows[room], after[room]] = 1
+    return extended
+
+
 def token_level_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
     """Per-token reward: -kl_coef * kl on every real token, plus the sequence score on the last real one (the EOS)."""
     rewards = -kl_coef * kl * mask
@@ -222,6 +234,7 @@ def logprobs_of(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
 __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
+    "after_eos_mask",
     "apply_missing_eos_penalty",
     "clipped_policy_loss",
     "clipped_value_loss",

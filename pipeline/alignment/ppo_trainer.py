@@ -29,7 +29,9 @@ Sampling, policy and reference all run under the accelerator's autocast, so thei
 Options that change the objective (each measured on the demo task in docs/experiments.md): `kl_penalty` ("reward":
 -coef x KL in every token's reward, InstructGPT; "loss": coef x the k3 KL in the policy loss), `kl_estimator`,
 `adaptive_kl`, `whiten_advantages`, `lr_scheduler_type` ("constant", "linear" to 0 as TRL's former PPOTrainer,
-"cosine") with `warmup_steps`, and `value_warmup_steps` (the value model trains alone for the first steps).
+"cosine") with `warmup_steps`, `value_warmup_steps` (the value model trains alone for the first steps) and
+`score_after_eos` (the score as the reward of one more state after EOS, which the value model learns too, as TRL's
+former PPOTrainer placed it; by default it is the EOS token's reward).
 
 `trainer.history` holds one dict per step (mean_score: reward_fn's mean before the missing-EOS penalty; kl: mean
 per-response sum of the per-token estimate; entropy; policy_clipfrac; value_clipfrac; approx_kl; policy_loss;
@@ -83,6 +85,7 @@ from pipeline.data.padding import padded_batch, padded_lm_batch
 
 from .ppo_core import (
     AdaptiveKLController,
+    after_eos_mask,
     FixedKLController,
     apply_missing_eos_penalty,
     clipped_policy_loss,
@@ -144,6 +147,8 @@ class PPOConfig:
     cliprange_value: float = 0.2  # value clip around the rollout values
     vf_coef: float = 0.1  # weight of the value loss
     whiten_advantages: bool = True  # normalise advantages over the rollout
+    score_after_eos: bool = False  # the score as the reward of one more state after EOS, whose value the critic
+    # learns too (TRL's former PPOTrainer); False: the score is the EOS token's reward
     missing_eos_penalty: float | None = None  # subtracted from the score of responses without EOS
     max_grad_norm: float | None = 1.0  # gradient clipping per model; None or 0 = off
     seed: int = 42  # sampling, prompt order and mini-batch shuffling
@@ -416,13 +421,14 @@ class PPOTrainer:
             p["query"] = nn.functional.pad(p["query"], (extra, 0), value=self.pad_id)
             p["query_mask"] = nn.functional.pad(p["query_mask"], (extra, 0), value=0)
         batch = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-        mask = batch["response_mask"]
+        mask, value_mask = batch["response_mask"], batch["value_mask"]
         responses, scores = self._score(prompts, batch["response"], mask, f"PPO step {step + 1}")
         penalised = apply_missing_eos_penalty(scores, batch["has_eos"], cfg.missing_eos_penalty)
         kl = kl_estimate(batch["logprobs"], batch["ref_logprobs"], cfg.kl_estimator) * mask
         kl_coef = self.kl_controller.value
-        rewards = token_level_rewards(penalised, kl, mask, kl_coef if cfg.kl_penalty == "reward" else 0.0)
-        advantages, returns = compute_gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
+        rewards = token_level_rewards(penalised, kl, value_mask, kl_coef if cfg.kl_penalty == "reward" else 0.0)
+        advantages, returns = compute_gae(rewards, batch["values"], value_mask, cfg.gamma, cfg.lam)
+        advantages = advantages * mask  # the state after EOS (score_after_eos) takes no action
         if cfg.whiten_advantages:  # over the rollout of every process, as one process would
             reduce_sum = (lambda t: self.accelerator.reduce(t, reduction="sum")) if (
                 self.accelerator.num_processes > 1) else None
@@ -478,12 +484,13 @@ class PPOTrainer:
         else:
             logits, values, _ = self.actor_critic(input_ids, attention_mask, length, cfg.temperature)
         padding = response_mask == 0
+        value_mask = after_eos_mask(response_mask) if cfg.score_after_eos else response_mask
         return {
             "query": query, "query_mask": query_mask, "response": response, "response_mask": response_mask,
-            "has_eos": has_eos,
+            "value_mask": value_mask, "has_eos": has_eos,
             "logprobs": logprobs_of(logits, response).masked_fill(padding, 0.0),
             "ref_logprobs": self._reference_logprobs(input_ids, attention_mask, response).masked_fill(padding, 0.0),
-            "values": values.masked_fill(padding, 0.0),
+            "values": values.masked_fill(value_mask == 0, 0.0),
             "entropy": entropy_from_logits(logits),
         }
 
@@ -536,7 +543,8 @@ class PPOTrainer:
             order = torch.randperm(cfg.batch_size, generator=generator).to(self.accelerator.device)
             for start in range(0, cfg.batch_size, group):
                 rows = order[start:start + group]
-                num_tokens = self._global_token_count(batch["response_mask"][rows].sum())
+                num_tokens = (self._global_token_count(batch["response_mask"][rows].sum()),
+                              self._global_token_count(batch["value_mask"][rows].sum()))
                 ptx = self._ptx_batch(step, n_groups, group) if self.ptx_data else None
                 ptx_tokens = None if ptx is None else self._global_token_count((ptx[2][:, 1:] != -100).sum())
                 for k in range(accumulation):
@@ -586,33 +594,35 @@ class PPOTrainer:
         progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
         return SCHEDULES[cfg.lr_scheduler_type](progress)
 
-    def _micro_step(self, batch: dict, rows: torch.Tensor, num_tokens: torch.Tensor, step: int,
+    def _micro_step(self, batch: dict, rows: torch.Tensor, num_tokens: tuple[torch.Tensor, torch.Tensor], step: int,
                     ptx: tuple | None = None) -> dict:
         """Forward and backward of one micro-batch. Its losses are its share of the group's token mean, so
-        accumulated micro-batches give the gradient of one large batch. `ptx`: (ids, mask, labels, group tokens)."""
+        accumulated micro-batches give the gradient of one large batch. `num_tokens`: the group's policy and value
+        token counts; `ptx`: (ids, mask, labels, group tokens)."""
         cfg = self.config
-        query_mask, mask = batch["query_mask"][rows], batch["response_mask"][rows]
+        query_mask, mask, value_mask = (batch[k][rows] for k in ("query_mask", "response_mask", "value_mask"))
         # The least padding: drop the prompt columns no row of this micro-batch uses and the response columns after
         # its longest response (masked positions add nothing to the losses, so the result is the same).
-        first, width = int(query_mask.any(0).long().argmax()), int(mask.sum(1).max())
+        first, width = int(query_mask.any(0).long().argmax()), int(value_mask.sum(1).max())
         query, query_mask = batch["query"][rows, first:], query_mask[:, first:]
-        response, mask = batch["response"][rows, :width], mask[:, :width]
+        response, mask, value_mask = batch["response"][rows, :width], mask[:, :width], value_mask[:, :width]
+        policy_tokens, value_tokens = num_tokens
         input_ids = torch.cat([query, response], dim=1)
         attention_mask = torch.cat([query_mask, mask], dim=1)
         logits, values, ptx_sum = self.actor_critic(input_ids, attention_mask, width, cfg.temperature,
                                                     None if ptx is None else ptx[:3])
         padding = mask == 0
         new_logprobs = logprobs_of(logits, response).masked_fill(padding, 0.0)
-        values = values.masked_fill(padding, 0.0)
+        values = values.masked_fill(value_mask == 0, 0.0)
         old = {key: batch[key][rows, :width] for key in ("logprobs", "ref_logprobs", "advantages", "values",
                                                           "returns")}
         policy_loss, policy_clipfrac, approx_kl = clipped_policy_loss(
-            new_logprobs, old["logprobs"], old["advantages"], mask, cfg.cliprange, num_tokens)
+            new_logprobs, old["logprobs"], old["advantages"], mask, cfg.cliprange, policy_tokens)
         if cfg.kl_penalty == "loss":  # the KL of the policy being trained, differentiable, never negative (k3)
             kl = kl_estimate(new_logprobs, old["ref_logprobs"], "k3")
-            policy_loss = policy_loss + self.kl_controller.value * masked_mean(kl, mask, num_tokens)
+            policy_loss = policy_loss + self.kl_controller.value * masked_mean(kl, mask, policy_tokens)
         value_loss, value_clipfrac = clipped_value_loss(
-            values, old["values"], old["returns"], mask, cfg.cliprange_value, num_tokens)
+            values, old["values"], old["returns"], value_mask, cfg.cliprange_value, value_tokens)
         ptx_loss = torch.zeros((), device=policy_loss.device) if ptx_sum is None else ptx_sum / ptx[3]
         if not (torch.isfinite(policy_loss) and torch.isfinite(value_loss) and torch.isfinite(ptx_loss)):
             raise RuntimeError(

@@ -517,10 +517,10 @@ def test_kl_in_the_loss_leaves_the_reward_to_the_score(tokenizer, tmp_path):
     assert (reward_heavy["advantages"] - loss_free["advantages"]).abs().max() > 1e-2
     rows = torch.arange(2)
     tokens = loss_heavy["response_mask"][rows].sum().float()
-    with_kl = trainer._micro_step(loss_heavy, rows, tokens, 0)["policy_loss"]
+    with_kl = trainer._micro_step(loss_heavy, rows, (tokens, tokens), 0)["policy_loss"]
     trainer.config.kl_penalty = "reward"
     trainer.optimizer.zero_grad()
-    without = trainer._micro_step(loss_heavy, rows, tokens, 0)["policy_loss"]
+    without = trainer._micro_step(loss_heavy, rows, (tokens, tokens), 0)["policy_loss"]
     # first epoch: ratio 1, so the policy's k3 KL to the reference is the batch's; 5 x its token mean is the gap
     k3 = kl_estimate(loss_heavy["logprobs"], loss_heavy["ref_logprobs"], "k3")[rows]
     expected = 5.0 * (k3 * loss_heavy["response_mask"][rows]).sum().item() / tokens.item()

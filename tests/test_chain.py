@@ -128,3 +128,15 @@ def test_readme_real_data_chain_runs(shared_data, tmp_path):
     reported = {row["stage"]: row["metrics"] for row in report["stages"]}["reward"]
     assert reported["reward_accuracy"] == reward["metrics"]["reward_accuracy"]  # measured on held-out HH pairs
     assert reported["reward_margin"] == reward["metrics"]["reward_margin"]
+    # The saved reward model reproduces that accuracy on the held-out HH pairs, rebuilt from its manifest.
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline.evaluation.evaluators import pairwise_reward_accuracy
+    from pipeline.stages.reward import RewardArguments
+    from test_stages_lm import held_out_rows
+
+    pairs = held_out_rows(reward, RewardArguments, 0.05)
+    model = AutoModelForSequenceClassification.from_pretrained(out / "reward").eval()
+    again = pairwise_reward_accuracy(model, AutoTokenizer.from_pretrained(out / "reward"), pairs)
+    assert reward["metrics"]["reward_accuracy"] == pytest.approx(again["accuracy"], abs=1e-9)
+    assert len(pairs) > 80  # about 5% of the 1,800 pairs

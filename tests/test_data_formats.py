@@ -149,23 +149,26 @@ def test_non_utf8_line_inside_a_json_array_drops_only_its_row(tmp_path):
     assert str(result.report.issues[0]).startswith(f"{path}:3: (bytes): not valid UTF-8")
 
 
-def test_cli_validate_strict_exits_1_with_path_and_line(broken_jsonl):
-    cli = [sys.executable, "-m", "pipeline.cli", "data", "validate", str(broken_jsonl)]
-    ok = subprocess.run(cli, capture_output=True, text=True, cwd=REPO)
-    assert ok.returncode == 0 and "rows kept" in ok.stdout and f"{broken_jsonl}:3: completion: missing" in ok.stdout
-    strict = subprocess.run(cli + ["--strict"], capture_output=True, text=True, cwd=REPO)
+def test_cli_validate_strict_exits_1_with_path_and_line(broken_jsonl, capsys):
+    from pipeline.cli import main as cli
+
+    assert cli(["data", "validate", str(broken_jsonl)]) == 0  # in process; the strict run below is a real process
+    out = capsys.readouterr().out
+    assert "rows kept" in out and f"{broken_jsonl}:3: completion: missing" in out
+    strict = subprocess.run([sys.executable, "-m", "pipeline.cli", "data", "validate", str(broken_jsonl), "--strict"],
+                            capture_output=True, text=True, cwd=REPO)
     assert strict.returncode == 1
     assert strict.stderr.startswith(f"{broken_jsonl}:2:")
 
 
-def test_cli_convert_writes_canonical_jsonl(tmp_path, broken_jsonl):
+def test_cli_convert_writes_canonical_jsonl(tmp_path, broken_jsonl, capsys):
+    from pipeline.cli import main as cli
+
     out = tmp_path / "out" / "rows.jsonl"
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "data", "convert", str(broken_jsonl), str(out)],
-                          capture_output=True, text=True, cwd=REPO)
-    assert done.returncode == 0, done.stderr
+    assert cli(["data", "convert", str(broken_jsonl), str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows == [{"prompt": "ok", "completion": "fine"}, {"prompt": "also ok", "completion": "fine"}]
-    assert "wrote 2 prompt_completion rows" in done.stderr
+    assert "wrote 2 prompt_completion rows" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- formats and sources

@@ -32,13 +32,18 @@ def free_port() -> int:
 
 
 def launch(stage: str, *args: str, processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    """The recipe in its own process(es). One process: the recipe run directly with the environment
+    `accelerate launch --num_processes 1 --cpu` gives it (the launcher's own start-up costs 2 s; the README's
+    `accelerate launch` commands run through it in test_docs.py). More: through `accelerate launch`."""
+    env = ENV
     if processes == 1:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu"]
+        command = [sys.executable]
+        env = {**ENV, "ACCELERATE_USE_CPU": "True", "ACCELERATE_MIXED_PRECISION": "no"}
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                    str(REPO / "recipes" / "accelerate" / "cpu_ddp.yaml"), "--main_process_port", str(free_port())]
     command += [str(REPO / "recipes" / f"{stage}.py"), "--config", str(CONFIGS / f"{stage}.yaml"), *args]
-    proc = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc

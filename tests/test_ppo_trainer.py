@@ -98,7 +98,7 @@ def assert_same_parameters(a: dict, b: dict, atol=1e-6):
         torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("ptx_coef,score_after_eos", [(0.0, False), (0.5, False), (0.0, True)])
+@pytest.mark.parametrize("ptx_coef,score_after_eos", [(0.0, True), (0.5, True), (0.0, False)])
 def test_gradient_accumulation_equals_one_big_mini_batch(tokenizer, tmp_path, ptx_coef, score_after_eos):
     before = parameters(make_trainer(tokenizer, tmp_path / "x"))
     ptx = ptx_data() if ptx_coef else None  # ptx rows of unequal length: the loss is a token mean over the group
@@ -388,12 +388,12 @@ def test_whiten_advantages_false_keeps_the_gae_advantages(tokenizer, tmp_path):
 def test_score_after_eos_trains_the_critic_one_state_further(tokenizer, tmp_path):
     scores = lambda prompts_ids, responses_ids: torch.arange(len(responses_ids), dtype=torch.float32)  # noqa: E731
     settings = dict(reward_fn=scores, whiten_advantages=False, batch_size=8, response_length=12)  # some rows end
-    eos = rollout(make_trainer(tokenizer, tmp_path / "eos", **settings))
-    after = rollout(make_trainer(tokenizer, tmp_path / "after", score_after_eos=True, **settings))
+    eos = rollout(make_trainer(tokenizer, tmp_path / "eos", score_after_eos=False, **settings))
+    after = rollout(make_trainer(tokenizer, tmp_path / "after", **settings))  # on by default
     a, b = after["batch"], eos["batch"]
     mask, value_mask = a["response_mask"], a["value_mask"]
     assert torch.equal(a["response"], b["response"])  # the same seed samples the same responses
-    assert torch.equal(b["value_mask"], mask)  # the default: no extra state
+    assert torch.equal(b["value_mask"], mask)  # off: no extra state
     extra = (value_mask - mask).bool()
     ended = mask.sum(1) < mask.shape[1]
     assert extra.sum(1).tolist() == ended.long().tolist()  # one extra state per row that ended early

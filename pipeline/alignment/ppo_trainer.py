@@ -30,8 +30,8 @@ Options that change the objective (each measured on the demo task in docs/experi
 -coef x KL in every token's reward, InstructGPT; "loss": coef x the k3 KL in the policy loss), `kl_estimator`,
 `adaptive_kl`, `whiten_advantages`, `lr_scheduler_type` ("constant", "linear" to 0 as TRL's former PPOTrainer,
 "cosine") with `warmup_steps`, `value_warmup_steps` (the value model trains alone for the first steps) and
-`score_after_eos` (the score as the reward of one more state after EOS, which the value model learns too, as TRL's
-former PPOTrainer placed it; by default it is the EOS token's reward).
+`score_after_eos` (on by default: the score is the reward of one more state after EOS, which the value model learns
+too, as TRL's former PPOTrainer placed it; off, it is the EOS token's reward).
 
 `trainer.history` holds one dict per step (mean_score: reward_fn's mean before the missing-EOS penalty; kl: mean
 per-response sum of the per-token estimate; entropy; policy_clipfrac; value_clipfrac; approx_kl; policy_loss;
@@ -147,8 +147,8 @@ class PPOConfig:
     cliprange_value: float = 0.2  # value clip around the rollout values
     vf_coef: float = 0.1  # weight of the value loss
     whiten_advantages: bool = True  # normalise advantages over the rollout
-    score_after_eos: bool = False  # the score as the reward of one more state after EOS, whose value the critic
-    # learns too (TRL's former PPOTrainer); False: the score is the EOS token's reward
+    score_after_eos: bool = True  # the score as the reward of one more state after EOS, whose value the critic
+    # learns too (as TRL's former PPOTrainer); False: the score is the EOS token's reward
     missing_eos_penalty: float | None = None  # subtracted from the score of responses without EOS
     max_grad_norm: float | None = 1.0  # gradient clipping per model; None or 0 = off
     seed: int = 42  # sampling, prompt order and mini-batch shuffling

@@ -156,7 +156,8 @@ def after_eos_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def token_level_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
-    """Per-token reward: -kl_coef * kl on every real token, plus the sequence score on the last real one (the EOS)."""
+    """Per-token reward: -kl_coef * kl on every position of `mask`, plus the sequence score on its last one (the EOS;
+    the state after it when `mask` comes from `after_eos_mask`, where `kl` is 0)."""
     rewards = -kl_coef * kl * mask
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards[rows, last_token_index(mask)] += scores.to(rewards.dtype)

@@ -171,7 +171,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=30, help="PPO updates per run")
     parser.add_argument("--held_out", type=int, default=1200)
     parser.add_argument("--exact_match", type=int, default=300)
-    parser.add_argument("--json", help="also write the result to this file")
+    parser.add_argument("--json", help="also write the rows, the summary and each run's per-update batch KL and score "
+                        "to this file")
     parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                         help="one more arm of ours with these PPOConfig settings, e.g. max_grad_norm=0")
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
@@ -193,7 +194,7 @@ def main(argv=None):
     arms = [("ours", None), ("trl", None)] + [("ours", variant) for variant in args.variant]
     import pipeline  # noqa: F401
 
-    rows = []
+    rows, curves = [], []  # curves: each run's per-update batch KL and score, for the --json file
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         for seed in args.seeds:
@@ -218,6 +219,7 @@ def main(argv=None):
                              "batch_kl_last_quarter": round(sum(trained["kl"][-quarter:]) / quarter, 3),
                              "exact_match_before": before["exact_match"], "exact_match": after["exact_match"]})
                 print(json.dumps(rows[-1]), flush=True)
+                curves.append({"side": arm, "seed": seed, "batch_kl": trained["kl"], "batch_score": trained["score"]})
     summary = {}
     for side in dict.fromkeys(r["side"] for r in rows):
         mine = [r for r in rows if r["side"] == side]
@@ -232,7 +234,7 @@ def main(argv=None):
                              "gain_per_minute": ratio("gain_per_minute", "ours", "trl")}
     print(json.dumps(summary, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
+        Path(args.json).write_text(json.dumps({"rows": rows, "summary": summary, "curves": curves}, indent=2))
     return summary
 
 

@@ -17,6 +17,10 @@ torch AdamW with two parameter groups and no weight decay (its Trainer's default
 The parent then measures every saved policy the same way: one sampled answer to each of `--held_out` held-out
 prompts scored by the reward model, before and after, its KL to the SFT policy, and greedy exact match on
 `--exact_match` held-out tasks.
+
+`--same_rollouts --steps N` checks the update instead: ours trains N updates without clipping and records its
+rollouts and mini-batch orders; TRL's trainer replays them (its sampling and shuffles replaced, everything else its
+own code) and the script prints how far the two final weights differ, relative to how far they moved.
 """
 
 import argparse
@@ -61,7 +65,7 @@ def variant_settings(variant: str) -> dict:
     return settings
 
 
-def train_ours(args, out: Path) -> dict:
+def ours_trainer(args, out: Path):
     from pipeline.alignment.ppo_trainer import PPOConfig, PPOTrainer
     from pipeline.stages.ppo import reward_function
 
@@ -70,17 +74,22 @@ def train_ours(args, out: Path) -> dict:
                        ppo_epochs=EPOCHS, max_steps=args.steps, response_length=LENGTH, temperature=1.0, init_kl_coef=KL,
                        kl_estimator="k1", learning_rate=LR, value_learning_rate=VALUE_LR, lr_scheduler_type="linear",
                        missing_eos_penalty=1.0, seed=args.seed, **variant_settings(args.variant or ""))
-    trainer = PPOTrainer(config, policy=policy, tokenizer=tokenizer, value_model=value, ref_model=reference,
-                         reward_fn=reward_function(reward, tokenizer, tokenizer, None, 0.0), prompts=prompts(tokenizer, args.steps))
+    return PPOTrainer(config, policy=policy, tokenizer=tokenizer, value_model=value, ref_model=reference,
+                      reward_fn=reward_function(reward, tokenizer, tokenizer, None, 0.0),
+                      prompts=prompts(tokenizer, args.steps))
+
+
+def train_ours(args, out: Path) -> dict:
+    trainer = ours_trainer(args, out)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    policy.save_pretrained(out / "policy")
+    trainer.policy.save_pretrained(out / "policy")
     return {"seconds": seconds, "kl": [h["kl"] for h in trainer.history],
             "score": [h["mean_score"] for h in trainer.history]}
 
 
-def train_trl(args, out: Path) -> dict:
+def trl_trainer(args, out: Path):
     sys.path.insert(0, args.trl_path)
     import torch
     import trl
@@ -105,17 +114,110 @@ def train_trl(args, out: Path) -> dict:
                        dataloader_drop_last=True)
     optimizer = torch.optim.AdamW([{"params": list(policy.parameters()), "lr": LR},
                                    {"params": list(value.parameters()), "lr": VALUE_LR}], weight_decay=0.0)
-    trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=reference,
-                         reward_model=reward, value_model=value, optimizers=(optimizer, None),
-                         train_dataset=Dataset.from_dict({"input_ids": prompts(tokenizer, args.steps)}))
+    return PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=reference,
+                      reward_model=reward, value_model=value, optimizers=(optimizer, None),
+                      train_dataset=Dataset.from_dict({"input_ids": prompts(tokenizer, args.steps)}))
+
+
+def train_trl(args, out: Path) -> dict:
+    trainer = trl_trainer(args, out)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    policy.save_pretrained(out / "policy")
+    trainer.accelerator.unwrap_model(trainer.model).policy.save_pretrained(out / "policy")
     logs = [entry for entry in trainer.state.log_history if "objective/kl" in entry]
     if len(logs) != args.steps:  # one log per update: anything else means the batch settings were read otherwise
         raise SystemExit(f"TRL ran {len(logs)} updates, not {args.steps}: check its batch settings")
     return {"seconds": seconds, "kl": [e["objective/kl"] for e in logs], "score": [e["objective/scores"] for e in logs]}
+
+
+def flat_weights(*modules):
+    import torch
+
+    return torch.cat([p.detach().flatten() for module in modules for p in module.parameters()])
+
+
+def record_ours(args, out: Path) -> dict:
+    """--same_rollouts, our side: train without clipping (TRL clips nothing) and keep every rollout's prompts,
+    sampled sequences and generation logits, every step's mini-batch orders and the final weights."""
+    import torch
+
+    args.variant = "max_grad_norm=0"
+    trainer = ours_trainer(args, out)
+    generate, rollouts = trainer.policy.generate, []
+
+    def recording_generate(*positional, **kwargs):
+        output = generate(*positional, **kwargs)
+        rollouts.append({"query": kwargs["input_ids"], "query_mask": kwargs["attention_mask"],
+                         "sequences": output.sequences,
+                         "logits": torch.stack(output.logits, dim=1)})
+        return output
+
+    trainer.policy.generate = recording_generate
+    trainer.train()
+    torch.save({"rollouts": rollouts, "orders": [trainer.minibatch_orders(step) for step in range(args.steps)],
+                "policy": flat_weights(trainer.policy), "value": flat_weights(trainer.value_model)}, out / "ours.pt")
+    # TRL ends a response at its first pad token; ours ends it at EOS only, so a sampled pad inside a response is
+    # the one input on which the two compute different updates.
+    inside = 0
+    for rollout in rollouts:
+        response = rollout["sequences"][:, rollout["query"].shape[1]:]
+        pad_seen = (response == trainer.pad_id).long().cumsum(1) > 0
+        inside += int((pad_seen & (response != trainer.pad_id)).any(1).sum())  # a token after a pad
+    return {"kl": [h["kl"] for h in trainer.history], "responses_with_a_pad_inside": inside}
+
+
+def replay_trl(args, out: Path) -> dict:
+    """--same_rollouts, TRL's side: its PPOTrainer takes our prompts in our order, our recorded rollouts in place of
+    its own sampling and our mini-batch orders in place of its shuffles, then scores, computes values, rewards,
+    advantages and losses and steps its optimiser itself; returns how far its weights end from ours."""
+    import types
+
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, args.trl_path)
+    import trl.experimental.ppo.ppo_trainer as trl_ppo
+
+    recorded = torch.load(Path(args.child_out).parent / "ours" / "ours.pt")
+    state = {"update": -1, "epoch": 0}
+
+    def replayed_generation(model, queries, batch_size, pad_token_id, generation_config):
+        state["update"] += 1
+        state["epoch"] = 0
+        rollout = recorded["rollouts"][state["update"]]
+        if not torch.equal(queries, rollout["query"]):
+            raise SystemExit(f"update {state['update'] + 1}: TRL's prompts differ from the recorded ones")
+        # Full width, as ours pads: TRL's own responses are as wide as the batch's longest, so where every row
+        # ended early its longest rows have no room after EOS and get the score on it.
+        missing = queries.shape[1] + LENGTH - rollout["sequences"].shape[1]
+        sequences = torch.nn.functional.pad(rollout["sequences"], (0, missing), value=pad_token_id)
+        return sequences, torch.nn.functional.pad(rollout["logits"], (0, 0, 0, missing))
+
+    def replayed_permutation(n):
+        state["epoch"] += 1
+        return recorded["orders"][state["update"]][state["epoch"] - 1].numpy()
+
+    trl_ppo.batch_generation = replayed_generation
+    trl_ppo.np = types.SimpleNamespace(random=types.SimpleNamespace(permutation=replayed_permutation))
+    from datasets import Dataset
+    from torch.utils.data import DataLoader
+
+    trainer = trl_trainer(args, out)
+    ordered = [q[m.bool()].tolist() for r in recorded["rollouts"] for q, m in zip(r["query"], r["query_mask"])]
+    trainer.dataloader = DataLoader(Dataset.from_dict({"input_ids": ordered}), batch_size=BATCH, shuffle=False,
+                                    collate_fn=trainer.data_collator, drop_last=True)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    start = {"policy": flat_weights(model.policy), "value": flat_weights(model.value_model)}
+    trainer.train()
+    result = {"updates": state["update"] + 1}
+    for name, module in (("policy", model.policy), ("value", model.value_model)):
+        theirs = flat_weights(module)
+        result[name] = {"max_abs_difference": (recorded[name] - theirs).abs().max().item(),
+                        "difference_over_movement": ((recorded[name] - theirs).norm()
+                                                     / (theirs - start[name]).norm()).item()}
+    result["kl"] = [e["objective/kl"] for e in trainer.state.log_history if "objective/kl" in e]
+    return result
 
 
 def child(args) -> None:
@@ -126,7 +228,10 @@ def child(args) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     out = Path(args.child_out)
-    result = (train_trl if args.side == "trl" else train_ours)(args, out)
+    if args.same_rollouts:
+        result = (replay_trl if args.side == "trl" else record_ours)(args, out)
+    else:
+        result = (train_trl if args.side == "trl" else train_ours)(args, out)
     (out / "result.json").write_text(json.dumps(result))
 
 
@@ -155,6 +260,28 @@ def measure(args, policy_dir: Path | None, scratch: Path, seed: int) -> dict:
     return result
 
 
+def same_rollouts(args) -> dict:
+    """Both trainers from the same rollouts (ours sampled them) and mini-batch orders: their weights after
+    `--steps` updates should differ only by floating-point rounding."""
+    with tempfile.TemporaryDirectory() as scratch:
+        results = {}
+        for side in ("ours", "trl"):
+            out = Path(scratch) / side
+            out.mkdir()
+            subprocess.run([sys.executable, __file__, "--side", side, "--same_rollouts", "--seed", str(args.seeds[0]),
+                            "--child_out", str(out), "--sft", args.sft, "--reward", args.reward, "--trl_path",
+                            args.trl_path, "--steps", str(args.steps)], check=True, cwd=REPO,
+                           env={**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"})
+            results[side] = json.loads((out / "result.json").read_text())
+    kl_trl = results["trl"].pop("kl")
+    result = {**results["trl"], "kl_ours": results["ours"]["kl"], "kl_trl": kl_trl,
+              "responses_with_a_pad_inside": results["ours"]["responses_with_a_pad_inside"]}
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
 def spread(values: list[float]) -> dict:
     """Mean, sample standard deviation and standard error of the mean over seeds."""
     std = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -175,6 +302,9 @@ def main(argv=None):
                         "to this file")
     parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                         help="one more arm of ours with these PPOConfig settings, e.g. max_grad_norm=0")
+    parser.add_argument("--same_rollouts", action="store_true",
+                        help="instead: our PPO and TRL's from the same rollouts and mini-batch orders (first seed, "
+                             "--steps updates, no clipping); prints how far the final weights differ")
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--child_out", help=argparse.SUPPRESS)
@@ -182,6 +312,8 @@ def main(argv=None):
     if args.side:
         args.variant = args.variant[0] if args.variant else None
         return child(args)
+    if args.same_rollouts:
+        return same_rollouts(args)
     from dataclasses import fields
 
     from pipeline.alignment.ppo_trainer import PPOConfig

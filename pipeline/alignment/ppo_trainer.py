@@ -535,12 +535,11 @@ class PPOTrainer:
         cfg = self.config
         micro, accumulation = cfg.mini_batch_size, cfg.gradient_accumulation_steps
         group = micro * accumulation
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         totals = {key: 0.0 for key in ("policy_loss", "value_loss", "policy_clipfrac", "value_clipfrac", "approx_kl",
                                        "ptx_loss")}
         n_groups = n_micro = 0
-        for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(cfg.batch_size, generator=generator).to(self.accelerator.device)
+        for order in self.minibatch_orders(step):
+            order = order.to(self.accelerator.device)
             for start in range(0, cfg.batch_size, group):
                 rows = order[start:start + group]
                 num_tokens = (self._global_token_count(batch["response_mask"][rows].sum()),
@@ -567,6 +566,13 @@ class PPOTrainer:
         if not self.ptx_data:
             stats.pop("ptx_loss")
         return stats
+
+    def minibatch_orders(self, step: int) -> list[torch.Tensor]:
+        """The row order of each PPO epoch of step `step` (0-based), seeded by the step so a resumed run shuffles as
+        the uninterrupted one did; consecutive groups of `mini_batch_size * gradient_accumulation_steps` rows make
+        one optimiser step each."""
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
+        return [torch.randperm(self.config.batch_size, generator=generator) for _ in range(self.config.ppo_epochs)]
 
     def _global_token_count(self, local: torch.Tensor) -> torch.Tensor:
         """The denominator of a token mean over the rows of every process. DDP averages gradients over N processes,

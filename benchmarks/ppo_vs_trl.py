@@ -10,7 +10,7 @@ thread, from the demo's merged SFT policy (run `make demo` first), with the demo
 value model's start, the same prompts, batch 64 in 4 mini-batches, 2 epochs, 10-token responses, temperature 1, a
 fixed KL coefficient 0.2 (k1) in the reward, AdamW 5e-5 (policy) / 1e-4 (value) decaying linearly to 0 (TRL's
 schedule), a missing-EOS penalty of 1 and 30 updates, float32 without gradient checkpointing (TRL's config turns
-on bf16 and checkpointing by default). TRL clips no gradients; ours clips each model's at norm 1. TRL gets a
+on bf16 and checkpointing by default). Neither clips gradients (ours: `max_grad_norm`, off by default). TRL gets a
 torch AdamW with two parameter groups and no weight decay (its Trainer's default optimiser settings).
 `--variant KEY=VALUE[,KEY=VALUE]` adds one more arm of ours with those PPOConfig settings changed, e.g.
 `--variant max_grad_norm=0` (repeatable); every arm trains on the same seeds.
@@ -138,7 +138,7 @@ def flat_weights(*modules):
 
 
 def record_ours(args, out: Path) -> dict:
-    """--same_rollouts, our side: train without clipping (TRL clips nothing) and keep every rollout's prompts,
+    """--same_rollouts, our side: train without clipping (as TRL) and keep every rollout's prompts,
     sampled sequences and generation logits, every step's mini-batch orders and the final weights."""
     import torch
 

@@ -189,6 +189,23 @@ def test_lora_policy_uses_adapter_off_reference(tokenizer, tmp_path):
     assert not (saved / "model.safetensors").exists()
 
 
+def test_max_grad_norm_clips_each_model_on_its_own(tokenizer, tmp_path):
+    trainer = make_trainer(tokenizer, tmp_path, max_grad_norm=0.5)
+    for i, p in enumerate([*trainer.policy.parameters(), *trainer.value_model.parameters()]):
+        p.grad = torch.full_like(p, 3.0 if i % 2 else -1.0)
+    policy_before = torch.cat([p.grad.flatten() for p in trainer.policy.parameters()])
+    trainer._clip_gradients()
+    for model in (trainer.policy, trainer.value_model):
+        assert torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item() == pytest.approx(0.5, rel=1e-5)
+    policy_after = torch.cat([p.grad.flatten() for p in trainer.policy.parameters()])
+    torch.testing.assert_close(policy_after, policy_before * 0.5 / policy_before.norm())  # scaled, not cut
+    unclipped = make_trainer(tokenizer, tmp_path / "off")  # the default: no clipping
+    for p in unclipped.policy.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    unclipped._clip_gradients()
+    assert all((p.grad == 3.0).all() for p in unclipped.policy.parameters())
+
+
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tokenizer, tmp_path):
     calls = []
 

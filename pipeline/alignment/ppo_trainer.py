@@ -85,8 +85,8 @@ from pipeline.data.padding import padded_batch, padded_lm_batch
 
 from .ppo_core import (
     AdaptiveKLController,
-    after_eos_mask,
     FixedKLController,
+    after_eos_mask,
     apply_missing_eos_penalty,
     clipped_policy_loss,
     clipped_value_loss,
@@ -150,8 +150,8 @@ class PPOConfig:
     score_after_eos: bool = True  # the score as the reward of one more state after EOS, whose value the critic
     # learns too (as TRL's former PPOTrainer); False: the score is the EOS token's reward
     missing_eos_penalty: float | None = None  # subtracted from the score of responses without EOS
-    max_grad_norm: float | None = None  # gradient clipping per model; None or 0 = off (as TRL's former PPOTrainer;
-    # on the demo task clipping at 1 raised the rollouts' KL by 28% for the same held-out reward)
+    max_grad_norm: float | None = None  # gradient clipping per model; None or 0 = off, as TRL's former PPOTrainer
+    # (clipping raised the KL for the same reward: docs/experiments.md)
     seed: int = 42  # sampling, prompt order and mini-batch shuffling
     save_steps: int = 0  # checkpoint every N steps; 0 = never
     logging_steps: int = 1  # log every N steps (history records every step)
